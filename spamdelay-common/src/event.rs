@@ -1,0 +1,45 @@
+//! The verdict event the kernel writes to the ring buffer, one per flow.
+
+use crate::{FlowKey, PAYLOAD_CAPTURE};
+
+/// What the kernel concluded about a verified flow.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The client sent payload before the greeting was complete.
+    EarlyTalk = 1,
+    /// The client closed (FIN or RST) before the greeting, having sent nothing.
+    Quit = 2,
+    /// The greeting completed and the client had stayed silent.
+    Pass = 3,
+}
+
+impl Verdict {
+    pub fn from_u8(raw: u8) -> Option<Self> {
+        match raw {
+            1 => Some(Self::EarlyTalk),
+            2 => Some(Self::Quit),
+            3 => Some(Self::Pass),
+            _ => None,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    pub key: FlowKey,
+    /// Nanoseconds from the handshake's completion to the verdict.
+    pub since_handshake_ns: u64,
+    /// Payload bytes in the client's offending segment (EARLY-TALK only).
+    pub bytes: u32,
+    /// A `Verdict` as u8.
+    pub verdict: u8,
+    /// How many bytes of `payload` are valid.
+    pub captured: u8,
+    pub _pad: [u8; 2],
+    pub payload: [u8; PAYLOAD_CAPTURE],
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Event {}

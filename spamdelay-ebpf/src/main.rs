@@ -1,0 +1,37 @@
+//! spamdelay's kernel side: two tc classifiers on the gateway's interface.
+//! Ingress follows what clients send to a watched port, egress what the server
+//! answers; verdicts go to the daemon through the `EVENTS` ring buffer.
+#![no_std]
+#![no_main]
+
+mod flow;
+mod greeting;
+mod maps;
+mod parse;
+
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use parse::Dir;
+
+/// Client to server. Never drops: enforcement is nftables' job.
+#[classifier]
+pub fn spamdelay_ingress(ctx: TcContext) -> i32 {
+    if let Some(seg) = parse::segment(&ctx, Dir::FromClient) {
+        flow::from_client(&ctx, &seg);
+    }
+    TC_ACT_OK
+}
+
+/// Server to client.
+#[classifier]
+pub fn spamdelay_egress(ctx: TcContext) -> i32 {
+    if let Some(seg) = parse::segment(&ctx, Dir::FromServer) {
+        flow::from_server(&ctx, &seg);
+    }
+    TC_ACT_OK
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,167 @@
+//! The ring buffer, turned into typed verdict reports and their log lines.
+
+use std::{fmt, net::SocketAddr, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use spamdelay_common::{Event, Verdict};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+
+/// One verdict about one client connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub verdict: Verdict,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// From the handshake's completion to the verdict.
+    pub after: Duration,
+    /// Payload bytes in the offending segment (EARLY-TALK).
+    pub bytes: u32,
+    /// Its first bytes, as captured by the kernel.
+    pub payload: Vec<u8>,
+}
+
+impl Report {
+    pub fn from_event(ev: &Event) -> Option<Self> {
+        let captured = usize::from(ev.captured).min(ev.payload.len());
+        Some(Report {
+            verdict: Verdict::from_u8(ev.verdict)?,
+            client: ev.key.client_addr(),
+            server: ev.key.server_addr(),
+            after: Duration::from_nanos(ev.since_handshake_ns),
+            bytes: ev.bytes,
+            payload: ev.payload[..captured].to_vec(),
+        })
+    }
+
+    /// The verdict word that starts the log line.
+    pub fn word(&self) -> &'static str {
+        match self.verdict {
+            Verdict::EarlyTalk => "EARLY-TALK",
+            Verdict::Quit => "QUIT",
+            Verdict::Pass => "PASS",
+        }
+    }
+}
+
+/// `[address]:port`, postscreen style, for both families.
+pub struct Peer<'a>(pub &'a SocketAddr);
+
+impl fmt::Display for Peer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}]:{}", self.0.ip(), self.0.port())
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let after = self.after.as_secs_f64();
+        let (from, to) = (Peer(&self.client), Peer(&self.server));
+        match self.verdict {
+            Verdict::EarlyTalk => {
+                write!(
+                    f,
+                    "EARLY-TALK {} bytes after {after:.3}s from {from} to {to}: {}",
+                    self.bytes,
+                    escape(&self.payload)
+                )?;
+                if self.bytes as usize > self.payload.len() {
+                    f.write_str("...")?;
+                }
+                Ok(())
+            }
+            Verdict::Quit => write!(f, "QUIT after {after:.3}s from {from} to {to}"),
+            Verdict::Pass => write!(f, "PASS after {after:.3}s from {from} to {to}"),
+        }
+    }
+}
+
+/// Printable ASCII as is, everything else escaped, so a client's payload can
+/// never forge or split a log line.
+pub fn escape(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        match b {
+            b'\r' => s.push_str("\\r"),
+            b'\n' => s.push_str("\\n"),
+            b'\t' => s.push_str("\\t"),
+            b'\\' => s.push_str("\\\\"),
+            0x20..=0x7e => s.push(b as char),
+            _ => s.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    s
+}
+
+/// Reads every event now in the ring buffer.
+pub fn drain(ring: &mut RingBuf<MapData>) -> Vec<Report> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<Event>() {
+            continue;
+        }
+        // The ring buffer gives 8-byte aligned records, but do not rely on it.
+        let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
+        if let Some(r) = Report::from_event(&ev) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Forwards reports until the receiver is gone.
+pub async fn forward(ring: RingBuf<MapData>, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
+    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the
+    // fd stays open for as long as it is registered.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(std::io::Error::from)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        for report in drain(guard.get_inner_mut()) {
+            if tx.send(report).await.is_err() {
+                return Ok(());
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_keeps_log_lines_whole() {
+        assert_eq!(escape(b"EHLO x\r\n"), "EHLO x\\r\\n");
+        assert_eq!(escape(b"a\\b\x00\xff\x1b[2J"), "a\\\\b\\x00\\xff\\x1b[2J");
+    }
+
+    #[test]
+    fn log_line_is_postscreen_like() {
+        let r = Report {
+            verdict: Verdict::EarlyTalk,
+            client: "198.51.100.11:40123".parse().unwrap(),
+            server: "192.0.2.25:25".parse().unwrap(),
+            after: Duration::from_millis(213),
+            bytes: 8,
+            payload: b"EHLO x\r\n".to_vec(),
+        };
+        assert_eq!(
+            r.to_string(),
+            "EARLY-TALK 8 bytes after 0.213s from [198.51.100.11]:40123 to [192.0.2.25]:25: EHLO x\\r\\n"
+        );
+        let q = Report {
+            verdict: Verdict::Quit,
+            client: "[2001:db8::10]:5000".parse().unwrap(),
+            payload: vec![],
+            bytes: 0,
+            ..r
+        };
+        assert_eq!(
+            q.to_string(),
+            "QUIT after 0.213s from [2001:db8::10]:5000 to [192.0.2.25]:25"
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! Loading the kernel object, attaching it to interfaces (TCX where the kernel
+//! has it, clsact otherwise) and filling its configuration and allowlist maps.
+
+use std::{fmt, net::IpAddr, path::Path};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        MapData, PerCpuArray, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, tc,
+        tc::{NlOptions, TcAttachOptions},
+    },
+};
+use spamdelay_common::{MAX_PORTS, Stat, stats::STAT_COUNT};
+
+use crate::allow::Cidr;
+
+/// The kernel object from `cargo xtask build-ebpf`, embedded by build.rs.
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spamdelay.bpf.o"));
+
+pub const INGRESS: &str = "spamdelay_ingress";
+pub const EGRESS: &str = "spamdelay_egress";
+
+/// How a program is hooked to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// fd-based tc links (Linux >= 6.6): detached when the daemon exits.
+    Tcx,
+    /// A filter on the clsact qdisc (older kernels).
+    Clsact,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Clsact => "clsact",
+        })
+    }
+}
+
+/// Loads the object with `ports` watched and room for `max_flows` flows; the
+/// programs are loaded (verified) but not attached.
+pub fn load(ports: &[u16], max_flows: u32) -> Result<Ebpf> {
+    let Some(&first) = ports.first() else {
+        bail!("no port to watch: give at least one --port");
+    };
+    if ports.len() > MAX_PORTS {
+        bail!(
+            "{} ports given, at most {MAX_PORTS} can be watched: drop some --port values",
+            ports.len()
+        );
+    }
+    // Unused slots repeat the first port, so they can never match anything else.
+    let mut slots = [first; MAX_PORTS];
+    slots[..ports.len()].copy_from_slice(ports);
+    let mut ebpf = EbpfLoader::new()
+        .override_global("PORTS", &slots, true)
+        .map_max_entries("FLOWS", max_flows)
+        .load(OBJECT)
+        .map_err(|e| {
+            anyhow!(
+                "loading the eBPF object: {e}: spamdelay needs Linux >= 5.8 with BPF ring buffers"
+            )
+        })?;
+    for name in [INGRESS, EGRESS] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the kernel object has no program {name}: rebuild it with `cargo xtask build-ebpf`"))?
+            .try_into()?;
+        prog.load()
+            .map_err(|e| anyhow!("the kernel refused program {name}: {}", describe(&e)))?;
+    }
+    Ok(ebpf)
+}
+
+/// Checks that `iface` exists and carries Ethernet frames (the classifier's
+/// parser starts at an Ethernet header; loopback has one too).
+pub fn check_interface(iface: &str) -> Result<()> {
+    let sys = Path::new("/sys/class/net").join(iface);
+    if nix::net::if_::if_nametoindex(iface).is_err() {
+        bail!("unknown interface '{iface}': `ip link` lists this host's interfaces");
+    }
+    if let Ok(kind) = std::fs::read_to_string(sys.join("type")) {
+        let kind = kind.trim();
+        // ARPHRD_ETHER and ARPHRD_LOOPBACK.
+        if kind != "1" && kind != "772" {
+            bail!(
+                "interface '{iface}' has no Ethernet header (link type {kind}): spamdelay attaches to Ethernet interfaces; pick the one the SMTP traffic arrives on"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Attaches ingress and egress programs to `iface`.
+pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode> {
+    let mut mode = AttachMode::Tcx;
+    for (name, hook) in [
+        (INGRESS, TcAttachType::Ingress),
+        (EGRESS, TcAttachType::Egress),
+    ] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?
+            .try_into()?;
+        let tcx =
+            prog.attach_with_options(iface, hook, TcAttachOptions::TcxOrder(LinkOrder::default()));
+        if tcx.is_ok() {
+            continue;
+        }
+        // No TCX (Linux < 6.6): a classic clsact filter.
+        mode = AttachMode::Clsact;
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            if !matches!(&e, tc::TcError::IoError(io) if io.raw_os_error() == Some(libc::EEXIST)) {
+                log::debug!("adding clsact to {iface}: {e}");
+            }
+        }
+        prog.attach_with_options(iface, hook, TcAttachOptions::Netlink(NlOptions::default()))
+            .map_err(|e| {
+                anyhow!(
+                    "attaching {name} to {iface}: {}: the kernel needs tc BPF support (TCX, Linux >= 6.6, or the clsact qdisc)",
+                    describe(&e)
+                )
+            })?;
+    }
+    Ok(mode)
+}
+
+/// Writes the allowlist into the kernel's LPM tries.
+pub fn fill_allowlist(ebpf: &mut Ebpf, cidrs: &[Cidr]) -> Result<()> {
+    {
+        let mut v4: LpmTrie<&mut MapData, [u8; 4], u8> =
+            LpmTrie::try_from(ebpf.map_mut("ALLOW_V4").context("map ALLOW_V4 missing")?)?;
+        for c in cidrs {
+            if let IpAddr::V4(a) = c.addr() {
+                v4.insert(&Key::new(c.prefix_len().into(), a.octets()), 1, 0)
+                    .with_context(|| format!("adding {c} to the allowlist"))?;
+            }
+        }
+    }
+    let mut v6: LpmTrie<&mut MapData, [u8; 16], u8> =
+        LpmTrie::try_from(ebpf.map_mut("ALLOW_V6").context("map ALLOW_V6 missing")?)?;
+    for c in cidrs {
+        if let IpAddr::V6(a) = c.addr() {
+            v6.insert(&Key::new(c.prefix_len().into(), a.octets()), 1, 0)
+                .with_context(|| format!("adding {c} to the allowlist"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Takes the verdict ring buffer out of the object.
+pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
+    let map = ebpf.take_map("EVENTS").context("map EVENTS missing")?;
+    Ok(RingBuf::try_from(map)?)
+}
+
+/// The kernel's counters, summed over CPUs, indexed by `Stat`.
+pub fn read_stats(ebpf: &Ebpf) -> Result<Vec<(Stat, u64)>> {
+    let stats: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(ebpf.map("STATS").context("map STATS missing")?)?;
+    let mut out = Vec::with_capacity(STAT_COUNT as usize);
+    for stat in Stat::ALL {
+        let per_cpu = stats.get(&(stat as u32), 0)?;
+        out.push((stat, per_cpu.iter().sum()));
+    }
+    Ok(out)
+}
+
+/// The error and its causes on one line.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

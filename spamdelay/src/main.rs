@@ -1,0 +1,42 @@
+//! The `spamdelay` command: parse, set up logging, dispatch.
+
+use std::{io::Write, process::ExitCode};
+
+use clap::Parser;
+use spamdelay::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                match cli.command {
+                    Command::Run(args) => spamdelay::daemon::run(args).await,
+                }
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: every context joined with ": ".
+            eprintln!("spamdelay: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Verdicts and notices as bare lines (journald and syslog add the time);
+/// warnings and errors prefixed like Postfix's.
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| match record.level() {
+            log::Level::Info => writeln!(buf, "{}", record.args()),
+            level => writeln!(buf, "{}: {}", level.as_str().to_lowercase(), record.args()),
+        })
+        .init();
+}

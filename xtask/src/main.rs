@@ -1,0 +1,196 @@
+//! Developer workflows: `cargo xtask build-ebpf | build | run | test | lint | demo`.
+//! The kernel object needs nightly, rust-src and bpf-linker; this installs them
+//! when they are missing so a fresh machine needs nothing but rustup.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// The bpf-linker that works with the nightly toolchain's own LLVM here.
+const BPF_LINKER: &str = "bpf-linker@0.10.3";
+
+#[derive(Parser)]
+#[command(about = "spamdelay developer workflows")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the kernel object (nightly, -Z build-std=core, BTF).
+    BuildEbpf {
+        /// Fail instead of installing rust-src or bpf-linker when missing.
+        #[arg(long)]
+        no_install: bool,
+    },
+    /// Build the kernel object and all userspace crates.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build everything and run the daemon: `cargo xtask run -- run --iface eth0`.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build everything and run every test, unit and privileged.
+    Test {
+        /// Extra arguments for `cargo test` (a filter, `--nocapture`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// cargo fmt --check and clippy -D warnings on the userspace crates.
+    Lint,
+    /// A throwaway namespace lab: a pausing SMTP server, a patient client and
+    /// a blind sender, with the daemon attached and its verdicts shown.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::BuildEbpf { no_install } => build_ebpf(!no_install),
+        Cmd::Build { release } => build(release),
+        Cmd::Run { release, args } => {
+            build(release)?;
+            let bin = target_dir().join(profile(release)).join("spamdelay");
+            run(Command::new(bin).args(args))
+        }
+        Cmd::Test { args } => {
+            build(false)?;
+            run(cargo()
+                .arg("test")
+                .args(args)
+                .env("SPAMDELAY_BIN", target_dir().join("debug/spamdelay")))
+        }
+        Cmd::Lint => {
+            build_ebpf(true)?;
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+        }
+        Cmd::Demo => {
+            build(false)?;
+            run(cargo()
+                .args([
+                    "run",
+                    "--quiet",
+                    "-p",
+                    "spamdelay-tests",
+                    "--bin",
+                    "spamdelay-demo",
+                ])
+                .env("SPAMDELAY_BIN", target_dir().join("debug/spamdelay")))
+        }
+    }
+}
+
+fn profile(release: bool) -> &'static str {
+    if release { "release" } else { "debug" }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed ({status})", cmd.get_program());
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    build_ebpf(true)?;
+    let mut cmd = cargo();
+    cmd.arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn build_ebpf(install: bool) -> Result<()> {
+    ensure_rust_src(install)?;
+    ensure_bpf_linker(install)?;
+    let root = workspace_root();
+    let mut cmd = Command::new("rustup");
+    // The outer cargo's toolchain choice must not leak into the nightly build.
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+        "CARGO",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(root.join("spamdelay-ebpf"))
+        .args(["run", "nightly", "cargo", "build", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"))
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        );
+    run(&mut cmd).context("building the kernel object (spamdelay-ebpf)")
+}
+
+fn ensure_rust_src(install: bool) -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("running rustup: install rustup and the nightly toolchain (rustup toolchain install nightly)")?;
+    if !out.status.success() {
+        bail!("no nightly toolchain: run `rustup toolchain install nightly`");
+    }
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    if !install {
+        bail!("rust-src is missing: run `rustup component add rust-src --toolchain nightly`");
+    }
+    eprintln!("xtask: installing rust-src for nightly");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn ensure_bpf_linker(install: bool) -> Result<()> {
+    if Command::new("bpf-linker").arg("--version").output().is_ok() {
+        return Ok(());
+    }
+    if !install {
+        bail!("bpf-linker is missing: run `cargo install {BPF_LINKER} --locked`");
+    }
+    eprintln!("xtask: installing {BPF_LINKER} (about a minute)");
+    run(Command::new("cargo").args(["install", BPF_LINKER, "--locked"]))
+}

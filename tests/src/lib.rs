@@ -1,1 +1,23 @@
+//! The test lab: network namespaces and veth pairs behind RAII guards, a
+//! pausing SMTP test server, clients of every kind, crafted packets, and the
+//! daemon run as a child process. Used by `tests/tests/*.rs` and the demo.
 
+pub mod daemon;
+pub mod lab;
+pub mod packet;
+pub mod smtp;
+
+/// True when the test may run privileged work. Without root it prints a loud
+/// SKIP and returns false, except under CI (`CI` set), where a skip fails.
+pub fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: privileged test cannot run without root, and CI forbids skipping it");
+    }
+    eprintln!(
+        "\n!!!!! SKIPPED {test}: needs root (network namespaces, eBPF). Run `cargo xtask test` as root. !!!!!\n"
+    );
+    false
+}

@@ -1,0 +1,162 @@
+//! The real `spamdelay` binary run as a child inside a lab namespace, with its
+//! log lines collected for assertions. Killed on drop if still running.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, ExitStatus, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::lab::Netns;
+
+/// The daemon binary: `SPAMDELAY_BIN` (set by `cargo xtask test`) or the
+/// workspace's debug build.
+pub fn binary() -> PathBuf {
+    std::env::var_os("SPAMDELAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/spamdelay")
+        })
+}
+
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+pub struct Daemon {
+    child: Child,
+    log: Arc<Log>,
+}
+
+impl Daemon {
+    /// Starts `spamdelay ARGS` in `ns` and waits until it watches.
+    pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
+        let mut child = ns
+            .command(binary())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary().display()))?;
+        let log = Arc::new(Log::default());
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = log.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    log.lines
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(line);
+                    log.grew.notify_all();
+                }
+            });
+        }
+        let mut d = Daemon { child, log };
+        if d.wait_for(|l| l.starts_with("watching port"), Duration::from_secs(30))
+            .is_none()
+        {
+            let status = d.child.try_wait().ok().flatten();
+            bail!("spamdelay did not start (exit {status:?}): {:?}", d.lines());
+        }
+        Ok(d)
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.log
+            .lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits up to `timeout` for a log line matching `pred`.
+    pub fn wait_for(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(l) = lines.iter().find(|l| pred(l)) {
+                return Some(l.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            lines = self
+                .log
+                .grew
+                .wait_timeout(lines, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits for the verdict line about `client` (`WORD ... from [ip]:port`).
+    pub fn verdict_for(&self, client: SocketAddr, timeout: Duration) -> Option<String> {
+        let tag = format!("from [{}]:{} ", client.ip(), client.port());
+        self.wait_for(|l| l.contains(&tag), timeout)
+    }
+
+    /// Every verdict line about `client`'s address, any port.
+    pub fn verdicts_for_ip(&self, ip: std::net::IpAddr) -> Vec<String> {
+        let tag = format!("from [{ip}]:");
+        self.lines()
+            .into_iter()
+            .filter(|l| l.contains(&tag))
+            .collect()
+    }
+
+    /// SIGTERM, then the exit status and the whole log.
+    pub fn stop(mut self) -> Result<(ExitStatus, Vec<String>)> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // Let the pipe readers catch up with the last lines.
+                thread::sleep(Duration::from_millis(100));
+                return Ok((status, self.lines()));
+            }
+            if Instant::now() > deadline {
+                bail!("spamdelay ignored SIGTERM for 10 s");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The value of counter `name` in the daemon's `stopping:` line.
+pub fn counter(lines: &[String], name: &str) -> Option<u64> {
+    let line = lines.iter().rev().find(|l| l.starts_with("stopping:"))?;
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}

@@ -1,0 +1,187 @@
+//! Network namespaces and a veth pair behind RAII guards: a server namespace
+//! (where the MTA and spamdelay run) and a client namespace, on documentation
+//! addresses only. Everything is torn down on drop, even when a test panics.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+};
+
+use anyhow::{Context, Result, bail};
+use nix::sched::{CloneFlags, setns};
+
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 25);
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x25);
+/// Client addresses: 198.51.100.10.. and 2001:db8::10.. (`Lab::client_v4(i)`).
+pub const CLIENT_ADDRS: u8 = 8;
+/// The interface on the server side, where spamdelay attaches.
+pub const SERVER_IF: &str = "sd-srv";
+pub const CLIENT_IF: &str = "sd-cli";
+
+/// `ip ...`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "sdt-{}-{}-{tag}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// A command run inside the namespace (`ip netns exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `f` on a new thread that has entered the namespace, so every
+    /// socket it opens lives there.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<Result<T>> {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+            setns(file, CloneFlags::CLONE_NEWNET).context("entering the namespace")?;
+            Ok(f())
+        })
+    }
+
+    /// Runs `f` inside the namespace and waits for it.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        match self.spawn(f).join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Two namespaces joined by a veth pair: `server` holds 192.0.2.25 and
+/// 2001:db8::25, `client` holds 198.51.100.10+i and 2001:db8::10+i.
+pub struct Lab {
+    pub server: Netns,
+    pub client: Netns,
+}
+
+impl Lab {
+    pub fn new() -> Result<Self> {
+        let server = Netns::new("s")?;
+        let client = Netns::new("c")?;
+        ip(&[
+            "link",
+            "add",
+            SERVER_IF,
+            "netns",
+            server.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            CLIENT_IF,
+            "netns",
+            client.name(),
+        ])?;
+        server.ip(&["addr", "add", &format!("{SERVER_V4}/24"), "dev", SERVER_IF])?;
+        server.ip(&[
+            "addr",
+            "add",
+            &format!("{SERVER_V6}/64"),
+            "dev",
+            SERVER_IF,
+            "nodad",
+        ])?;
+        for i in 0..CLIENT_ADDRS {
+            client.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", Self::client_v4(i)),
+                "dev",
+                CLIENT_IF,
+            ])?;
+            client.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", Self::client_v6(i)),
+                "dev",
+                CLIENT_IF,
+                "nodad",
+            ])?;
+        }
+        server.ip(&["link", "set", SERVER_IF, "up"])?;
+        client.ip(&["link", "set", CLIENT_IF, "up"])?;
+        server.ip(&["route", "add", "198.51.100.0/24", "dev", SERVER_IF])?;
+        client.ip(&["route", "add", "192.0.2.0/24", "dev", CLIENT_IF])?;
+        Ok(Lab { server, client })
+    }
+
+    pub fn client_v4(i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 51, 100, 10 + i)
+    }
+
+    pub fn client_v6(i: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10 + u16::from(i))
+    }
+
+    pub fn client_addr(i: u8, v6: bool) -> IpAddr {
+        if v6 {
+            Self::client_v6(i).into()
+        } else {
+            Self::client_v4(i).into()
+        }
+    }
+
+    pub fn server_addr(v6: bool) -> IpAddr {
+        if v6 {
+            SERVER_V6.into()
+        } else {
+            SERVER_V4.into()
+        }
+    }
+}

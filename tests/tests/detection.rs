@@ -1,0 +1,305 @@
+//! End to end: the real daemon attached in a server namespace, real TCP
+//! clients in a client namespace, verdicts read from the daemon's log.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use spamdelay_tests::{
+    daemon::{Daemon, counter},
+    lab::{Lab, SERVER_IF},
+    privileged,
+    smtp::{self, Greeting, TestServer},
+};
+
+const VERDICT_WAIT: Duration = Duration::from_secs(5);
+/// How long to wait for a verdict that must not come.
+const QUIET_WAIT: Duration = Duration::from_millis(700);
+
+struct Setup {
+    lab: Lab,
+    daemon: Daemon,
+    _servers: Vec<TestServer>,
+}
+
+impl Setup {
+    fn new(greeting: Greeting, extra: &[&str]) -> Self {
+        Self::with_ports(greeting, &[25], extra)
+    }
+
+    fn with_ports(greeting: Greeting, ports: &[u16], extra: &[&str]) -> Self {
+        let lab = Lab::new().expect("building the namespace lab");
+        let servers = ports
+            .iter()
+            .map(|&p| {
+                TestServer::start(&lab.server, p, greeting).expect("starting the test server")
+            })
+            .collect();
+        let mut args = vec!["run", "--iface", SERVER_IF];
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start(&lab.server, &args).expect("starting spamdelay");
+        Setup {
+            lab,
+            daemon,
+            _servers: servers,
+        }
+    }
+
+    /// Runs a client from lab address `i` against `port` and returns the
+    /// client's socket address as spamdelay logs it.
+    fn client(
+        &self,
+        i: u8,
+        v6: bool,
+        port: u16,
+        f: impl FnOnce(IpAddr, SocketAddr) -> anyhow::Result<u16> + Send + 'static,
+    ) -> SocketAddr {
+        let src = Lab::client_addr(i, v6);
+        let dst = SocketAddr::new(Lab::server_addr(v6), port);
+        let cport = self
+            .lab
+            .client
+            .run(move || f(src, dst))
+            .expect("entering the client namespace")
+            .expect("client");
+        SocketAddr::new(src, cport)
+    }
+
+    fn verdict(&self, client: SocketAddr) -> String {
+        self.daemon
+            .verdict_for(client, VERDICT_WAIT)
+            .unwrap_or_else(|| panic!("no verdict for {client}; log: {:#?}", self.daemon.lines()))
+    }
+
+    fn no_verdict(&self, client: SocketAddr) {
+        let got = self.daemon.verdict_for(client, QUIET_WAIT);
+        assert!(got.is_none(), "unexpected verdict for {client}: {got:?}");
+    }
+
+    /// Stops the daemon (SIGTERM must exit 0) and returns its log.
+    fn stop(self) -> Vec<String> {
+        let (status, lines) = self.daemon.stop().expect("stopping spamdelay");
+        assert!(
+            status.success(),
+            "spamdelay exited with {status}: {lines:#?}"
+        );
+        lines
+    }
+}
+
+#[test]
+fn blind_sender_is_an_early_talker() {
+    if !privileged("blind_sender_is_an_early_talker") {
+        return;
+    }
+    let s = Setup::new(Greeting::pause(1500), &[]);
+    let client = s.client(0, false, 25, smtp::blind);
+    let line = s.verdict(client);
+    assert!(line.starts_with("EARLY-TALK 50 bytes after "), "{line}");
+    assert!(
+        line.ends_with(&format!(
+            "from [{}]:{} to [192.0.2.25]:25: EHLO blind.example\\r\\nMAIL FROM:<spam@example.com>\\r\\n",
+            client.ip(),
+            client.port()
+        )),
+        "{line}"
+    );
+    let lines = s.stop();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains(&format!(":{} ", client.port())))
+            .count(),
+        1,
+        "one verdict per flow"
+    );
+    assert_eq!(counter(&lines, "early_talk"), Some(1));
+}
+
+#[test]
+fn talking_after_the_teaser_is_early_talk() {
+    if !privileged("talking_after_the_teaser_is_early_talk") {
+        return;
+    }
+    let s = Setup::new(Greeting::pause(1500).with_teaser(), &[]);
+    let client = s.client(1, false, 25, smtp::teaser_talker);
+    let line = s.verdict(client);
+    assert!(line.starts_with("EARLY-TALK 20 bytes after "), "{line}");
+    assert!(line.ends_with(": EHLO eager.example\\r\\n"), "{line}");
+    s.stop();
+}
+
+#[test]
+fn patient_client_passes_only() {
+    if !privileged("patient_client_passes_only") {
+        return;
+    }
+    let s = Setup::new(Greeting::pause(400).with_teaser(), &[]);
+    let client = s.client(2, false, 25, smtp::patient);
+    let line = s.verdict(client);
+    assert!(line.starts_with("PASS after 0."), "{line}");
+    let after: f64 = line["PASS after ".len()..]
+        .split('s')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a duration");
+    assert!(
+        (0.35..2.0).contains(&after),
+        "waited the 0.4 s pause: {line}"
+    );
+    std::thread::sleep(QUIET_WAIT);
+    assert_eq!(
+        s.daemon.verdicts_for_ip(client.ip()),
+        vec![line],
+        "nothing but PASS"
+    );
+    s.stop();
+}
+
+#[test]
+fn hang_up_during_the_pause_is_a_quit() {
+    if !privileged("hang_up_during_the_pause_is_a_quit") {
+        return;
+    }
+    let s = Setup::new(Greeting::pause(3000), &[]);
+    let client = s.client(3, false, 25, |src, dst| {
+        smtp::hang_up(src, dst, Duration::from_millis(300))
+    });
+    let line = s.verdict(client);
+    assert!(line.starts_with("QUIT after 0.3"), "{line}");
+    s.stop();
+}
+
+#[test]
+fn ipv6_blind_sender_is_an_early_talker() {
+    if !privileged("ipv6_blind_sender_is_an_early_talker") {
+        return;
+    }
+    let s = Setup::new(Greeting::pause(1500), &[]);
+    let client = s.client(4, true, 25, smtp::blind);
+    let line = s.verdict(client);
+    assert!(line.starts_with("EARLY-TALK 50 bytes"), "{line}");
+    assert!(
+        line.contains(&format!(
+            "from [{}]:{} to [2001:db8::25]:25",
+            client.ip(),
+            client.port()
+        )),
+        "{line}"
+    );
+    s.stop();
+}
+
+#[test]
+fn allowlisted_blind_sender_is_never_flagged() {
+    if !privileged("allowlisted_blind_sender_is_never_flagged") {
+        return;
+    }
+    let allowed = Lab::client_v4(5);
+    let cidr_v6 = format!("{}/128", Lab::client_v6(5));
+    let s = Setup::new(
+        Greeting::pause(1500),
+        &["--allow", &format!("{allowed}/32"), "--allow", &cidr_v6],
+    );
+    let quiet_v4 = s.client(5, false, 25, smtp::blind);
+    let quiet_v6 = s.client(5, true, 25, smtp::blind);
+    // A sender that is not allowlisted, to prove the daemon is watching.
+    let flagged = s.client(6, false, 25, smtp::blind);
+    assert!(s.verdict(flagged).starts_with("EARLY-TALK"));
+    s.no_verdict(quiet_v4);
+    s.no_verdict(quiet_v6);
+    let lines = s.stop();
+    assert_eq!(counter(&lines, "allowlisted"), Some(2));
+}
+
+#[test]
+fn other_ports_are_not_watched() {
+    if !privileged("other_ports_are_not_watched") {
+        return;
+    }
+    let s = Setup::with_ports(Greeting::pause(1500), &[25, 2525], &[]);
+    let elsewhere = s.client(0, false, 2525, smtp::blind);
+    let watched = s.client(1, false, 25, smtp::blind);
+    assert!(s.verdict(watched).starts_with("EARLY-TALK"));
+    s.no_verdict(elsewhere);
+    s.stop();
+}
+
+#[test]
+fn extra_watched_port_is_followed() {
+    if !privileged("extra_watched_port_is_followed") {
+        return;
+    }
+    let s = Setup::with_ports(
+        Greeting::pause(1500),
+        &[25, 2525],
+        &["--port", "25", "--port", "2525"],
+    );
+    let client = s.client(0, true, 2525, smtp::blind);
+    assert!(s.verdict(client).contains("to [2001:db8::25]:2525: EHLO"));
+    s.stop();
+}
+
+#[test]
+fn greeting_split_across_segments_passes_patient_client() {
+    if !privileged("greeting_split_across_segments_passes_patient_client") {
+        return;
+    }
+    let s = Setup::new(Greeting::pause(200).split(), &[]);
+    let client = s.client(7, false, 25, smtp::patient);
+    assert!(s.verdict(client).starts_with("PASS after "));
+    std::thread::sleep(QUIET_WAIT);
+    assert_eq!(s.daemon.verdicts_for_ip(client.ip()).len(), 1);
+    s.stop();
+}
+
+#[test]
+fn swaks_delivering_patiently_passes() {
+    if !privileged("swaks_delivering_patiently_passes") {
+        return;
+    }
+    let s = Setup::new(Greeting::pause(300).with_teaser(), &[]);
+    let src = Lab::client_v4(2);
+    let out = s
+        .lab
+        .client
+        .command("swaks")
+        .args([
+            "--server",
+            "192.0.2.25",
+            "--port",
+            "25",
+            "--local-interface",
+            &src.to_string(),
+        ])
+        .args([
+            "--from",
+            "sender@example.com",
+            "--to",
+            "rcpt@example.net",
+            "--helo",
+            "client.example",
+        ])
+        .args(["--timeout", "10"])
+        .output()
+        .expect("running swaks (apt-get install swaks)");
+    assert!(
+        out.status.success(),
+        "swaks failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        transcript.contains("250 2.0.0 queued"),
+        "message delivered: {transcript}"
+    );
+    let line = s
+        .daemon
+        .wait_for(|l| l.contains(&format!("from [{src}]:")), VERDICT_WAIT)
+        .expect("a verdict for swaks");
+    assert!(line.starts_with("PASS after "), "{line}");
+    std::thread::sleep(QUIET_WAIT);
+    assert_eq!(s.daemon.verdicts_for_ip(src.into()).len(), 1);
+    s.stop();
+}

@@ -83,7 +83,9 @@ pub fn effective(admin: &[Cidr]) -> std::io::Result<Vec<Cidr>> {
     all.extend(host_addresses()?);
     all.sort();
     all.dedup();
-    Ok(all)
+    // Drop what a broader entry already covers (127.0.0.1 inside 127.0.0.0/8).
+    let covered = |c: &Cidr| all.iter().any(|o| o != c && o.0.contains(&c.0));
+    Ok(all.iter().filter(|c| !covered(c)).copied().collect())
 }
 
 #[cfg(test)]

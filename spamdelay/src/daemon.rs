@@ -11,6 +11,7 @@ use tokio::{
 use crate::{allow, cli::RunArgs, events, loader, privilege};
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    loader::check_ports(&args.ports)?;
     for iface in &args.ifaces {
         loader::check_interface(iface)?;
     }

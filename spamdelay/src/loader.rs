@@ -47,15 +47,8 @@ impl fmt::Display for AttachMode {
 /// Loads the object with `ports` watched and room for `max_flows` flows; the
 /// programs are loaded (verified) but not attached.
 pub fn load(ports: &[u16], max_flows: u32) -> Result<Ebpf> {
-    let Some(&first) = ports.first() else {
-        bail!("no port to watch: give at least one --port");
-    };
-    if ports.len() > MAX_PORTS {
-        bail!(
-            "{} ports given, at most {MAX_PORTS} can be watched: drop some --port values",
-            ports.len()
-        );
-    }
+    check_ports(ports)?;
+    let first = ports.first().copied().unwrap_or(25);
     // Unused slots repeat the first port, so they can never match anything else.
     let mut slots = [first; MAX_PORTS];
     slots[..ports.len()].copy_from_slice(ports);
@@ -77,6 +70,17 @@ pub fn load(ports: &[u16], max_flows: u32) -> Result<Ebpf> {
             .map_err(|e| anyhow!("the kernel refused program {name}: {}", describe(&e)))?;
     }
     Ok(ebpf)
+}
+
+/// Between one and `MAX_PORTS` ports.
+pub fn check_ports(ports: &[u16]) -> Result<()> {
+    if ports.is_empty() {
+        bail!("no port to watch: give at least one --port");
+    }
+    if ports.len() > MAX_PORTS {
+        bail!("{} ports given, at most {MAX_PORTS} can be watched: drop some --port values", ports.len());
+    }
+    Ok(())
 }
 
 /// Checks that `iface` exists and carries Ethernet frames (the classifier's

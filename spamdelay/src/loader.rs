@@ -78,7 +78,10 @@ pub fn check_ports(ports: &[u16]) -> Result<()> {
         bail!("no port to watch: give at least one --port");
     }
     if ports.len() > MAX_PORTS {
-        bail!("{} ports given, at most {MAX_PORTS} can be watched: drop some --port values", ports.len());
+        bail!(
+            "{} ports given, at most {MAX_PORTS} can be watched: drop some --port values",
+            ports.len()
+        );
     }
     Ok(())
 }
@@ -120,10 +123,9 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode> {
         }
         // No TCX (Linux < 6.6): a classic clsact filter.
         mode = AttachMode::Clsact;
+        // Already there (EEXIST) is fine; a real failure shows in the attach below.
         if let Err(e) = tc::qdisc_add_clsact(iface) {
-            if !matches!(&e, tc::TcError::IoError(io) if io.raw_os_error() == Some(libc::EEXIST)) {
-                log::debug!("adding clsact to {iface}: {e}");
-            }
+            log::debug!("adding clsact to {iface}: {e}");
         }
         prog.attach_with_options(iface, hook, TcAttachOptions::Netlink(NlOptions::default()))
             .map_err(|e| {

@@ -2,7 +2,12 @@
 
 /// Capabilities `run` needs when not root: load programs and maps (CAP_BPF),
 /// attach to tc (CAP_NET_ADMIN), read-write packet data and time (CAP_PERFMON).
-const NEEDED: [(u32, &str); 3] = [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (38, "CAP_PERFMON")];
+/// The flag says whether CAP_SYS_ADMIN stands in for it (kernels before 5.8).
+const NEEDED: [(u32, &str, bool); 3] = [
+    (39, "CAP_BPF", true),
+    (12, "CAP_NET_ADMIN", false),
+    (38, "CAP_PERFMON", true),
+];
 const CAP_SYS_ADMIN: u32 = 21;
 
 /// Err with a one-line explanation when the process lacks what `run` needs.
@@ -11,8 +16,11 @@ pub fn check_run() -> anyhow::Result<()> {
     let has = |bit: u32| eff & (1u64 << bit) != 0;
     let missing: Vec<&str> = NEEDED
         .iter()
-        .filter(|(bit, _)| !has(*bit) && !(has(CAP_SYS_ADMIN) && *bit != 12))
-        .map(|(_, name)| *name)
+        .filter(|&&(bit, _, sys_admin_will_do)| {
+            let granted = has(bit) || (sys_admin_will_do && has(CAP_SYS_ADMIN));
+            !granted
+        })
+        .map(|(_, name, _)| *name)
         .collect();
     if missing.is_empty() {
         return Ok(());

@@ -6,26 +6,41 @@ use std::process::{Command, Output};
 use spamdelay_tests::daemon::binary;
 
 fn spamdelay(args: &[&str]) -> Output {
-    Command::new(binary()).args(args).output().expect("running the spamdelay binary")
+    Command::new(binary())
+        .args(args)
+        .output()
+        .expect("running the spamdelay binary")
 }
 
 /// The first stderr line, after asserting the run failed.
 fn error_line(out: &Output) -> String {
     assert!(!out.status.success(), "expected failure: {out:?}");
-    String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_string()
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
 fn unknown_interface_is_named() {
     let line = error_line(&spamdelay(&["run", "--iface", "nosuchif0"]));
-    assert_eq!(line, "spamdelay: error: unknown interface 'nosuchif0': `ip link` lists this host's interfaces");
+    assert_eq!(
+        line,
+        "spamdelay: error: unknown interface 'nosuchif0': `ip link` lists this host's interfaces"
+    );
 }
 
 #[test]
 fn bad_cidr_is_explained() {
     for bad in ["10.0.0.0/33", "300.1.2.3", "2001:db8::/129", "mail.example"] {
         let line = error_line(&spamdelay(&["run", "--iface", "lo", "--allow", bad]));
-        assert!(line.contains(&format!("bad CIDR '{bad}': expected an address or ADDRESS/PREFIX")), "{line}");
+        assert!(
+            line.contains(&format!(
+                "bad CIDR '{bad}': expected an address or ADDRESS/PREFIX"
+            )),
+            "{line}"
+        );
     }
 }
 
@@ -33,7 +48,10 @@ fn bad_cidr_is_explained() {
 fn bad_port_is_explained() {
     for bad in ["0", "65536", "smtp"] {
         let line = error_line(&spamdelay(&["run", "--iface", "lo", "--port", bad]));
-        assert!(line.contains(&format!("invalid value '{bad}' for '--port <PORT>'")), "{line}");
+        assert!(
+            line.contains(&format!("invalid value '{bad}' for '--port <PORT>'")),
+            "{line}"
+        );
     }
 }
 
@@ -45,7 +63,10 @@ fn too_many_ports_are_refused() {
         args.extend(["--port", p]);
     }
     let line = error_line(&spamdelay(&args));
-    assert_eq!(line, "spamdelay: error: 9 ports given, at most 8 can be watched: drop some --port values");
+    assert_eq!(
+        line,
+        "spamdelay: error: 9 ports given, at most 8 can be watched: drop some --port values"
+    );
 }
 
 #[test]
@@ -58,7 +79,12 @@ fn missing_privilege_says_how_to_get_it() {
     }
     // As root, drop to nobody with no capabilities.
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(binary())
         .args(["run", "--iface", "lo"])
         .output()

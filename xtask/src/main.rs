@@ -54,8 +54,18 @@ enum Cmd {
     Demo,
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().cmd {
+fn main() -> std::process::ExitCode {
+    match xtask(Cli::parse().cmd) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn xtask(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::BuildEbpf { no_install } => build_ebpf(!no_install),
         Cmd::Build { release } => build(release),
         Cmd::Run { release, args } => {

@@ -5,7 +5,6 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use spamdelay_common::{
     Event, FAMILY_V4, Flow, FlowKey, PAYLOAD_CAPTURE, Stat, Verdict,
     flow::{STATE_DONE, STATE_GREETING, STATE_HANDSHAKE},
-    greeting::seq_after,
 };
 
 use crate::{
@@ -144,8 +143,8 @@ pub fn from_client(ctx: &TcContext, seg: &Segment) {
     }
 
     if flow.state == STATE_GREETING {
-        let believable = !seq_after(seg.seq, flow.client_next.wrapping_add(CLIENT_SEQ_WINDOW))
-            && !seq_after(flow.client_next, seg.seq);
+        // Offset of this segment from the client's first byte: in [0, window).
+        let believable = seg.seq.wrapping_sub(flow.client_next) < CLIENT_SEQ_WINDOW;
         if !believable {
             if seg.payload_len > 0 {
                 count(Stat::UnverifiedPayload);

@@ -106,7 +106,9 @@ pub fn segment(ctx: &TcContext, dir: Dir) -> Option<Segment> {
         return None;
     }
     let payload_off = l4 + doff;
-    if payload_off > ip_payload_end {
+    // A packet shorter than its IP header claims never reaches the socket:
+    // the IP layer drops it, so its bytes must not count as talk either.
+    if payload_off > ip_payload_end || ip_payload_end > ctx.len() as usize {
         return None;
     }
     let mut seg = Segment {

@@ -1,0 +1,760 @@
+//! The kernel program run on crafted frames with BPF_PROG_TEST_RUN: the
+//! detection contract of DESIGN.md, and robustness against malformed input.
+//! Every test loads its own object, so flow tables and counters are private.
+
+use std::net::SocketAddr;
+
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
+};
+use spamdelay::{
+    allow::Cidr,
+    events::{Report, drain},
+    loader::{self, EGRESS, INGRESS},
+};
+use spamdelay_common::{PAYLOAD_CAPTURE, Stat, Verdict};
+use spamdelay_tests::{
+    packet::{ACK, ETH_HLEN, FIN, Fragment, IPV4_HLEN, IPV6_HLEN, Ipv6Ext, PSH, RST, SYN, Tcp},
+    privileged,
+};
+
+const TC_ACT_OK: u32 = 0;
+const SERVER_V4: &str = "192.0.2.25:25";
+const SERVER_V6: &str = "[2001:db8::25]:25";
+const EHLO: &[u8] = b"EHLO spam.example\r\n";
+const GREETING: &[u8] = b"220 mx.example ESMTP\r\n";
+
+/// One loaded object and its ring buffer.
+struct Kernel {
+    ebpf: Ebpf,
+    events: RingBuf<MapData>,
+}
+
+impl Kernel {
+    fn load() -> Self {
+        let mut ebpf = loader::load(&[25], 65536).expect("loading the kernel object");
+        let events = loader::take_events(&mut ebpf).expect("taking the ring buffer");
+        Kernel { ebpf, events }
+    }
+
+    fn allow(&mut self, cidr: &str) {
+        let cidr: Cidr = cidr.parse().expect("a test CIDR");
+        loader::fill_allowlist(&mut self.ebpf, &[cidr]).expect("filling the allowlist");
+    }
+
+    fn run(&self, program: &str, frame: &[u8]) -> Result<u32, ProgramError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .expect("program in the object")
+            .try_into()
+            .expect("a tc classifier");
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::new()
+        };
+        prog.test_run(opts).map(|r| r.return_value)
+    }
+
+    /// Runs a frame that the kernel accepts for a test run; the program must
+    /// let it through, whatever it is: detection never drops.
+    fn pass(&self, program: &str, frame: &[u8]) {
+        let ret = self
+            .run(program, frame)
+            .unwrap_or_else(|e| panic!("test run of {program} on {} bytes: {e:?}", frame.len()));
+        assert_eq!(ret, TC_ACT_OK, "{program} must never drop");
+    }
+
+    fn client_sends(&self, seg: &Tcp) {
+        self.pass(INGRESS, &seg.frame());
+    }
+
+    fn server_sends(&self, seg: &Tcp) {
+        self.pass(EGRESS, &seg.frame());
+    }
+
+    fn reports(&mut self) -> Vec<Report> {
+        drain(&mut self.events)
+    }
+
+    fn expect_none(&mut self, why: &str) {
+        let reports = self.reports();
+        assert!(
+            reports.is_empty(),
+            "{why}: expected no verdict, got {reports:?}"
+        );
+    }
+
+    /// Exactly one verdict, about `conv`, with `verdict`.
+    fn expect(&mut self, conv: &Conversation, verdict: Verdict) -> Report {
+        let mut reports = self.reports();
+        assert_eq!(
+            reports.len(),
+            1,
+            "expected one {verdict:?}, got {reports:?}"
+        );
+        let r = reports.remove(0);
+        assert_eq!(r.verdict, verdict, "{r:?}");
+        assert_eq!((r.client, r.server), (conv.client, conv.server), "{r:?}");
+        r
+    }
+
+    /// Exactly one EARLY-TALK about `conv`, reporting `payload` exactly.
+    fn expect_early_talk(&mut self, conv: &Conversation, payload: &[u8]) {
+        let r = self.expect(conv, Verdict::EarlyTalk);
+        assert_eq!(r.bytes as usize, payload.len(), "byte count of {r:?}");
+        let captured = &payload[..payload.len().min(PAYLOAD_CAPTURE)];
+        assert_eq!(r.payload, captured, "captured payload of {r:?}");
+    }
+
+    fn stat(&self, stat: Stat) -> u64 {
+        loader::read_stats(&self.ebpf)
+            .expect("reading the counters")
+            .into_iter()
+            .find_map(|(s, n)| (s == stat).then_some(n))
+            .expect("every Stat is read")
+    }
+}
+
+/// One TCP connection's addresses and sequence numbers, making its segments.
+struct Conversation {
+    client: SocketAddr,
+    server: SocketAddr,
+    /// The client's first data sequence number (its ISN + 1).
+    client_next: u32,
+    /// The server's ISN.
+    server_isn: u32,
+}
+
+impl Conversation {
+    fn new(client: &str, server: &str) -> Self {
+        Conversation {
+            client: client.parse().expect("a test client address"),
+            server: server.parse().expect("a test server address"),
+            client_next: 0x1000_0001,
+            server_isn: 0xdead_0000,
+        }
+    }
+
+    fn v4(client: &str) -> Self {
+        Self::new(client, SERVER_V4)
+    }
+
+    fn v6(client: &str) -> Self {
+        Self::new(client, SERVER_V6)
+    }
+
+    fn syn_ack(&self) -> Tcp {
+        Tcp::new(self.server, self.client)
+            .seq(self.server_isn)
+            .ack(self.client_next)
+            .flags(SYN | ACK)
+    }
+
+    /// The client's ACK completing the handshake (a template for its other
+    /// segments: same numbers until it sends data).
+    fn ack(&self) -> Tcp {
+        Tcp::new(self.client, self.server)
+            .seq(self.client_next)
+            .ack(self.server_isn.wrapping_add(1))
+            .flags(ACK)
+    }
+
+    /// Client data starting `offset` bytes into its stream.
+    fn client_data(&self, offset: u32, payload: &[u8]) -> Tcp {
+        let mut seg = self.ack().flags(ACK | PSH).payload(payload);
+        seg.seq = self.client_next.wrapping_add(offset);
+        seg
+    }
+
+    /// Server data starting `offset` bytes into its stream.
+    fn server_data(&self, offset: u32, payload: &[u8]) -> Tcp {
+        Tcp::new(self.server, self.client)
+            .seq(self.server_isn.wrapping_add(1).wrapping_add(offset))
+            .ack(self.client_next)
+            .flags(ACK | PSH)
+            .payload(payload)
+    }
+
+    /// SYN-ACK out, ACK in: the flow is verified.
+    fn handshake(&self, k: &Kernel) {
+        k.server_sends(&self.syn_ack());
+        k.client_sends(&self.ack());
+    }
+}
+
+/// `frame`, sent by the client of a verified flow, must pass without a
+/// verdict and without disturbing the flow: a valid EHLO is flagged after it.
+fn assert_ignored_then_flag(k: &mut Kernel, conv: &Conversation, frame: &[u8]) {
+    k.pass(INGRESS, frame);
+    k.expect_none("a malformed or unfollowable segment");
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(conv, EHLO);
+}
+
+/// Runs a frame shorter than the kernel builds test skbs from. 6.18 answers
+/// EINVAL without running the program below ETH_HLEN bytes (bpf_test_init),
+/// and for IPv4 or IPv6 frames shorter than their fixed IP header; a kernel
+/// that does run it must see the program pass it.
+fn run_runt(k: &Kernel, program: &str, frame: &[u8]) {
+    match k.run(program, frame) {
+        Ok(ret) => assert_eq!(ret, TC_ACT_OK, "{program} must never drop"),
+        Err(ProgramError::SyscallError(e)) => {
+            assert_eq!(e.io_error.raw_os_error(), Some(libc::EINVAL), "{e:?}");
+        }
+        Err(e) => panic!("test run of {program} on {} bytes: {e:?}", frame.len()),
+    }
+}
+
+/// Distinct, recognisable bytes, so a capture from the wrong offset shows.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| b'A' + (i % 26) as u8).collect()
+}
+
+// The contract.
+
+#[test]
+fn payload_after_handshake_is_early_talk() {
+    if !privileged("payload_after_handshake_is_early_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.1:40001");
+    conv.handshake(&k);
+    k.expect_none("handshake alone");
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(&conv, EHLO);
+    assert_eq!(k.stat(Stat::FlowsTracked), 1);
+    assert_eq!(k.stat(Stat::EarlyTalk), 1);
+    // One verdict per flow: more talk and the late greeting add nothing.
+    k.client_sends(&conv.client_data(EHLO.len() as u32, b"MAIL FROM:<>\r\n"));
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect_none("a flow already flagged");
+}
+
+#[test]
+fn payload_on_the_handshake_ack_is_early_talk() {
+    if !privileged("payload_on_the_handshake_ack_is_early_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.2:40002");
+    k.server_sends(&conv.syn_ack());
+    k.client_sends(&conv.ack().flags(ACK | PSH).payload(EHLO));
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn talk_after_a_teaser_line_is_early_talk() {
+    if !privileged("talk_after_a_teaser_line_is_early_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.3:40003");
+    conv.handshake(&k);
+    k.server_sends(&conv.server_data(0, b"220-x\r\n"));
+    k.expect_none("a 220- teaser is not a greeting");
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn greeting_split_across_segments_then_silence_is_pass() {
+    if !privileged("greeting_split_across_segments_then_silence_is_pass") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.4:40004");
+    conv.handshake(&k);
+    k.server_sends(&conv.server_data(0, b"22"));
+    k.expect_none("half a reply code");
+    k.server_sends(&conv.server_data(2, b"0 ready\r\n"));
+    k.expect(&conv, Verdict::Pass);
+    // A client that waited talks freely afterwards.
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_none("talk after the greeting");
+}
+
+#[test]
+fn client_fin_or_rst_before_greeting_is_quit() {
+    if !privileged("client_fin_or_rst_before_greeting_is_quit") {
+        return;
+    }
+    let mut k = Kernel::load();
+    for (client, flags) in [
+        ("198.51.100.5:40005", ACK | FIN),
+        ("198.51.100.5:40006", RST),
+    ] {
+        let conv = Conversation::v4(client);
+        conv.handshake(&k);
+        k.client_sends(&conv.ack().flags(flags));
+        k.expect(&conv, Verdict::Quit);
+    }
+    assert_eq!(k.stat(Stat::Quit), 2);
+}
+
+#[test]
+fn payload_with_wrong_handshake_ack_is_unverified() {
+    if !privileged("payload_with_wrong_handshake_ack_is_unverified") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.6:40007");
+    k.server_sends(&conv.syn_ack());
+    // An off-path forger knows the client's numbers but not the server's ISN.
+    let wrong_ack = conv.server_isn.wrapping_add(2);
+    k.client_sends(&conv.ack().ack(wrong_ack));
+    k.client_sends(&conv.client_data(0, EHLO).ack(wrong_ack));
+    k.expect_none("payload on an unverified flow");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 1);
+    assert_eq!(k.stat(Stat::FlowsTracked), 0);
+}
+
+#[test]
+fn payload_with_wrong_handshake_seq_is_unverified() {
+    if !privileged("payload_with_wrong_handshake_seq_is_unverified") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.6:40008");
+    k.server_sends(&conv.syn_ack());
+    k.client_sends(&conv.client_data(1, EHLO));
+    k.expect_none("payload not continuing the client's sequence");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 1);
+    assert_eq!(k.stat(Stat::FlowsTracked), 0);
+}
+
+#[test]
+fn payload_without_handshake_is_unverified() {
+    if !privileged("payload_without_handshake_is_unverified") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.7:40009");
+    k.client_sends(&conv.ack());
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_none("no SYN-ACK was seen");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 1);
+    assert_eq!(k.stat(Stat::Packets), 2);
+}
+
+#[test]
+fn payload_outside_the_client_window_is_unverified() {
+    if !privileged("payload_outside_the_client_window_is_unverified") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.8:40010");
+    conv.handshake(&k);
+    // One byte before C, and far ahead: blind guesses, not this client.
+    for offset in [u32::MAX, 1 << 20, 1 << 31] {
+        k.client_sends(&conv.client_data(offset, EHLO));
+    }
+    k.expect_none("segments outside [C, C + 65536)");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 3);
+    // The last believable sequence number still counts.
+    k.client_sends(&conv.client_data((1 << 16) - 1, EHLO));
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn payload_just_past_the_client_window_is_unverified() {
+    if !privileged("payload_just_past_the_client_window_is_unverified") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.8:40034");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(1 << 16, EHLO));
+    k.expect_none("a segment starting at C + 65536, outside [C, C + 65536)");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 1);
+}
+
+#[test]
+fn sequence_numbers_wrapping_past_zero_are_followed() {
+    if !privileged("sequence_numbers_wrapping_past_zero_are_followed") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let mut patient = Conversation::v4("198.51.100.9:40011");
+    patient.server_isn = u32::MAX - 1;
+    patient.handshake(&k);
+    k.server_sends(&patient.server_data(0, b"22"));
+    k.server_sends(&patient.server_data(2, b"0 ready\r\n"));
+    k.expect(&patient, Verdict::Pass);
+
+    let mut blind = Conversation::v4("198.51.100.9:40012");
+    blind.client_next = u32::MAX - 3;
+    blind.handshake(&k);
+    k.client_sends(&blind.client_data(10, EHLO));
+    k.expect_early_talk(&blind, EHLO);
+}
+
+#[test]
+fn allowlisted_client_is_never_flagged() {
+    if !privileged("allowlisted_client_is_never_flagged") {
+        return;
+    }
+    let mut k = Kernel::load();
+    k.allow("203.0.113.0/24");
+    let friend = Conversation::v4("203.0.113.10:40013");
+    friend.handshake(&k);
+    k.client_sends(&friend.client_data(0, EHLO));
+    k.expect_none("an allowlisted client");
+    assert_eq!(k.stat(Stat::Allowlisted), 1);
+    // The allowlist is a /24, not everything.
+    let stranger = Conversation::v4("198.51.100.10:40014");
+    stranger.handshake(&k);
+    k.client_sends(&stranger.client_data(0, EHLO));
+    k.expect_early_talk(&stranger, EHLO);
+}
+
+#[test]
+fn unwatched_port_is_not_inspected() {
+    if !privileged("unwatched_port_is_not_inspected") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::new("198.51.100.11:40015", "192.0.2.25:587");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_none("port 587 is not watched");
+    assert_eq!(k.stat(Stat::Packets), 0);
+}
+
+#[test]
+fn ipv6_payload_after_handshake_is_early_talk() {
+    if !privileged("ipv6_payload_after_handshake_is_early_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v6("[2001:db8::1:12]:40016");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn ipv6_greeting_then_silence_is_pass() {
+    if !privileged("ipv6_greeting_then_silence_is_pass") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v6("[2001:db8::1:13]:40017");
+    conv.handshake(&k);
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect(&conv, Verdict::Pass);
+}
+
+#[test]
+fn zero_length_segments_are_not_talk() {
+    if !privileged("zero_length_segments_are_not_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.14:40018");
+    conv.handshake(&k);
+    // Duplicate ACKs and a window update: no payload at all.
+    k.client_sends(&conv.ack());
+    k.client_sends(&conv.ack().flags(ACK | PSH));
+    let mut update = conv.ack();
+    update.window = 1024;
+    k.client_sends(&update);
+    k.expect_none("empty segments");
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect(&conv, Verdict::Pass);
+}
+
+#[test]
+fn ethernet_padding_is_not_payload() {
+    if !privileged("ethernet_padding_is_not_payload") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.15:40019");
+    conv.handshake(&k);
+    // A bare ACK is 54 bytes; the wire pads it to the 60-byte minimum.
+    let mut frame = conv.ack().frame();
+    frame.resize(60, 0);
+    k.pass(INGRESS, &frame);
+    k.expect_none("padding after the IP packet");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 0);
+}
+
+#[test]
+fn tcp_options_are_not_captured_as_payload() {
+    if !privileged("tcp_options_are_not_captured_as_payload") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.16:40020");
+    conv.handshake(&k);
+    let mut seg = conv.client_data(0, EHLO);
+    // NOP, NOP, timestamps: what Linux puts on every segment.
+    seg.tcp_options = vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+    k.client_sends(&seg);
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn full_size_payload_is_counted_and_capture_is_capped() {
+    if !privileged("full_size_payload_is_counted_and_capture_is_capped") {
+        return;
+    }
+    let mut k = Kernel::load();
+    // A full segment at MTU 1500, and the most a linear test skb holds
+    // (about 3.7 KB: one page less headroom and skb_shared_info).
+    for (client, len) in [("198.51.100.17:40021", 1460), ("198.51.100.17:40022", 3600)] {
+        let conv = Conversation::v4(client);
+        conv.handshake(&k);
+        let payload = pattern(len);
+        k.client_sends(&conv.client_data(0, &payload));
+        k.expect_early_talk(&conv, &payload);
+    }
+}
+
+#[test]
+fn jumbo_payload_is_counted_where_test_runs_allow_it() {
+    if !privileged("jumbo_payload_is_counted_where_test_runs_allow_it") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.17:40035");
+    conv.handshake(&k);
+    // 8960 bytes: a full segment at MTU 9000. Kernels that only build linear
+    // test skbs (6.18 does) refuse a frame over a page with EINVAL.
+    let payload = pattern(8960);
+    match k.run(INGRESS, &conv.client_data(0, &payload).frame()) {
+        Ok(ret) => {
+            assert_eq!(ret, TC_ACT_OK);
+            k.expect_early_talk(&conv, &payload);
+        }
+        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => {
+            eprintln!("jumbo frame not testable here: this kernel refuses test skbs over a page");
+            k.expect_none("a frame the kernel refused");
+        }
+        Err(e) => panic!("test run of a jumbo frame: {e:?}"),
+    }
+}
+
+#[test]
+fn syn_with_data_is_not_talk() {
+    if !privileged("syn_with_data_is_not_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.18:40023");
+    // TCP Fast Open style: data on the client's SYN, before and after the
+    // server's SYN-ACK (a retransmission). Neither verifies the flow.
+    let syn = Tcp::new(conv.client, conv.server)
+        .seq(conv.client_next.wrapping_sub(1))
+        .flags(SYN)
+        .payload(EHLO);
+    k.client_sends(&syn);
+    k.server_sends(&conv.syn_ack());
+    k.client_sends(&syn);
+    k.expect_none("data on a SYN");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 2);
+    // The flow is still waiting for its real handshake ACK.
+    k.client_sends(&conv.ack());
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect(&conv, Verdict::Pass);
+}
+
+// Malformed and adversarial input: never a drop, never a verdict.
+
+#[test]
+fn truncated_ethernet_frame_is_harmless() {
+    if !privileged("truncated_ethernet_frame_is_harmless") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.19:40024");
+    conv.handshake(&k);
+    let frame = conv.client_data(0, EHLO).frame();
+    for program in [INGRESS, EGRESS] {
+        run_runt(&k, program, &frame[..10]);
+        run_runt(&k, program, &frame[..ETH_HLEN]);
+    }
+    k.expect_none("runt frames");
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn truncated_ipv4_header_is_ignored() {
+    if !privileged("truncated_ipv4_header_is_ignored") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.20:40025");
+    conv.handshake(&k);
+    let frame = conv.client_data(0, EHLO).frame();
+    run_runt(&k, INGRESS, &frame[..ETH_HLEN + 10]);
+    k.expect_none("a frame ending inside the fixed IPv4 header");
+    // What the program can be handed: the fixed header whole, but its
+    // options (IHL 15: 40 bytes) cut off after 20 bytes.
+    let mut seg = conv.client_data(0, EHLO);
+    seg.ipv4_options = vec![1; 40];
+    let frame = seg.frame();
+    assert_ignored_then_flag(&mut k, &conv, &frame[..ETH_HLEN + IPV4_HLEN + 20]);
+}
+
+#[test]
+fn truncated_tcp_header_is_ignored() {
+    if !privileged("truncated_tcp_header_is_ignored") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.21:40026");
+    conv.handshake(&k);
+    // The IP header still claims the whole segment.
+    let frame = conv.client_data(0, EHLO).frame();
+    assert_ignored_then_flag(&mut k, &conv, &frame[..ETH_HLEN + IPV4_HLEN + 10]);
+}
+
+#[test]
+fn ipv4_options_shift_the_tcp_header() {
+    if !privileged("ipv4_options_shift_the_tcp_header") {
+        return;
+    }
+    let mut k = Kernel::load();
+    for ihl in 6u8..=15 {
+        let conv = Conversation::v4(&format!("198.51.100.22:{}", 41000 + u16::from(ihl)));
+        // NOPs, so each packet's header is exactly `ihl` words long.
+        let options = vec![1; (usize::from(ihl) - 5) * 4];
+        let with_options = |mut seg: Tcp| {
+            seg.ipv4_options = options.clone();
+            seg
+        };
+        k.server_sends(&with_options(conv.syn_ack()));
+        k.client_sends(&with_options(conv.ack()));
+        let seg = with_options(conv.client_data(0, EHLO));
+        assert_eq!(seg.ip_packet()[0] & 0x0f, ihl);
+        k.client_sends(&seg);
+        k.expect_early_talk(&conv, EHLO);
+    }
+}
+
+#[test]
+fn ipv4_fragments_are_ignored() {
+    if !privileged("ipv4_fragments_are_ignored") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.23:40027");
+    conv.handshake(&k);
+    for (offset, more) in [(0, true), (185, false), (185, true)] {
+        let mut seg = conv.client_data(0, EHLO);
+        seg.fragment = Some(Fragment { offset, more });
+        k.client_sends(&seg);
+    }
+    k.expect_none("fragments");
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn ipv6_extension_headers_before_tcp_are_walked() {
+    if !privileged("ipv6_extension_headers_before_tcp_are_walked") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v6("[2001:db8::1:24]:40028");
+    let with_ext = |mut seg: Tcp| {
+        seg.ipv6_ext = vec![
+            Ipv6Ext::HopByHop { units: 0 },
+            Ipv6Ext::DestOpts { units: 2 },
+        ];
+        seg
+    };
+    k.server_sends(&with_ext(conv.syn_ack()));
+    k.client_sends(&with_ext(conv.ack()));
+    k.client_sends(&with_ext(conv.client_data(0, EHLO)));
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn ipv6_fragment_header_is_ignored() {
+    if !privileged("ipv6_fragment_header_is_ignored") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v6("[2001:db8::1:25]:40029");
+    conv.handshake(&k);
+    let mut seg = conv.client_data(0, EHLO);
+    seg.ipv6_ext = vec![Ipv6Ext::Fragment(Fragment {
+        offset: 0,
+        more: true,
+    })];
+    assert_ignored_then_flag(&mut k, &conv, &seg.frame());
+}
+
+// The IP layer drops a packet shorter than its header says (ip_rcv_core,
+// ip6_rcv_core), so the server never receives such bytes: they must not make
+// a verdict, and the length they claim must not reach a report.
+
+#[test]
+fn ipv4_total_length_beyond_the_frame_is_ignored() {
+    if !privileged("ipv4_total_length_beyond_the_frame_is_ignored") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.26:40030");
+    conv.handshake(&k);
+    let mut frame = conv.client_data(0, EHLO).frame();
+    let total_length = ETH_HLEN + 2;
+    frame[total_length..total_length + 2].copy_from_slice(&1500u16.to_be_bytes());
+    assert_ignored_then_flag(&mut k, &conv, &frame);
+}
+
+#[test]
+fn ipv6_payload_length_beyond_the_frame_is_ignored() {
+    if !privileged("ipv6_payload_length_beyond_the_frame_is_ignored") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v6("[2001:db8::1:26]:40031");
+    conv.handshake(&k);
+    let mut frame = conv.client_data(0, EHLO).frame();
+    let payload_length = ETH_HLEN + 4;
+    frame[payload_length..payload_length + 2].copy_from_slice(&1460u16.to_be_bytes());
+    assert_ignored_then_flag(&mut k, &conv, &frame);
+}
+
+#[test]
+fn tcp_data_offset_below_five_or_past_the_segment_is_ignored() {
+    if !privileged("tcp_data_offset_below_five_or_past_the_segment_is_ignored") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.27:40032");
+    conv.handshake(&k);
+    let doff_at = ETH_HLEN + IPV4_HLEN + 12;
+    // 15 words is 60 bytes, past the 20-byte header and 4-byte payload.
+    for words in [0u8, 4, 15] {
+        let mut frame = conv.client_data(0, b"EHLO").frame();
+        frame[doff_at] = words << 4;
+        k.pass(INGRESS, &frame);
+    }
+    k.expect_none("impossible data offsets");
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn ipv6_truncated_extension_header_is_ignored() {
+    if !privileged("ipv6_truncated_extension_header_is_ignored") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v6("[2001:db8::1:28]:40033");
+    conv.handshake(&k);
+    let mut seg = conv.client_data(0, EHLO);
+    seg.ipv6_ext = vec![Ipv6Ext::DestOpts { units: 0 }];
+    // The frame ends inside the options header.
+    let frame = seg.frame();
+    assert_ignored_then_flag(&mut k, &conv, &frame[..ETH_HLEN + IPV6_HLEN + 1]);
+}

@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod lab;
 pub mod packet;
+pub mod raw;
 pub mod smtp;
 
 /// True when the test may run privileged work. Without root it prints a loud

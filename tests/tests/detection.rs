@@ -8,8 +8,9 @@ use std::{
 
 use spamdelay_tests::{
     daemon::{Daemon, counter},
-    lab::{Lab, SERVER_IF},
-    privileged,
+    lab::{Lab, SERVER_IF, SERVER_V4},
+    packet::{self, Tcp},
+    privileged, raw,
     smtp::{self, Greeting, TestServer},
 };
 
@@ -302,4 +303,62 @@ fn swaks_delivering_patiently_passes() {
     std::thread::sleep(QUIET_WAIT);
     assert_eq!(s.daemon.verdicts_for_ip(src.into()).len(), 1);
     s.stop();
+}
+
+#[test]
+fn payload_on_the_handshake_ack_is_early_talk() {
+    if !privileged("payload_on_the_handshake_ack_is_early_talk") {
+        return;
+    }
+    let s = Setup::new(Greeting::pause(1500), &[]);
+    let src = std::net::SocketAddrV4::new(Lab::client_v4(7), 41_007);
+    raw::silence_resets(&s.lab.client, *src.ip()).expect("nft in the client namespace");
+    let dst = std::net::SocketAddrV4::new(SERVER_V4, 25);
+    s.lab
+        .client
+        .run(move || raw::handshake_ack_with_payload(src, dst, b"EHLO piggyback.example\r\n"))
+        .expect("entering the client namespace")
+        .expect("raw handshake");
+    let line = s.verdict(src.into());
+    assert!(
+        line.starts_with("EARLY-TALK 24 bytes after 0.000s"),
+        "{line}"
+    );
+    assert!(line.ends_with(": EHLO piggyback.example\\r\\n"), "{line}");
+    s.stop();
+}
+
+#[test]
+fn forged_segment_without_handshake_is_ignored() {
+    if !privileged("forged_segment_without_handshake_is_ignored") {
+        return;
+    }
+    let s = Setup::new(Greeting::pause(1500), &[]);
+    // Forged from an address nobody in the lab owns, and from a real client's
+    // address too: neither has a handshake, so neither may get a verdict.
+    let forged: Vec<SocketAddr> = vec![
+        "203.0.113.99:40099".parse().unwrap(),
+        SocketAddr::new(Lab::client_addr(0, false), 40_100),
+    ];
+    for &src in &forged {
+        let seg = Tcp::new(src, SocketAddr::new(SERVER_V4.into(), 25))
+            .seq(1000)
+            .ack(2000)
+            .flags(packet::ACK | packet::PSH)
+            .payload(b"EHLO forged.example\r\n".to_vec());
+        s.lab
+            .client
+            .run(move || packet::send_raw_ipv4(&seg.ip_packet()))
+            .expect("entering the client namespace")
+            .expect("sending a forged segment");
+    }
+    // A real blind sender afterwards: its verdict shows the daemon was
+    // reading the ring buffer all along.
+    let real = s.client(1, false, 25, smtp::blind);
+    assert!(s.verdict(real).starts_with("EARLY-TALK"));
+    for src in &forged {
+        s.no_verdict(*src);
+    }
+    let lines = s.stop();
+    assert_eq!(counter(&lines, "unverified_payload"), Some(2), "{lines:#?}");
 }

@@ -140,23 +140,30 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode> {
 
 /// Writes the allowlist into the kernel's LPM tries.
 pub fn fill_allowlist(ebpf: &mut Ebpf, cidrs: &[Cidr]) -> Result<()> {
-    {
-        let mut v4: LpmTrie<&mut MapData, [u8; 4], u8> =
-            LpmTrie::try_from(ebpf.map_mut("ALLOW_V4").context("map ALLOW_V4 missing")?)?;
-        for c in cidrs {
-            if let IpAddr::V4(a) = c.addr() {
-                v4.insert(&Key::new(c.prefix_len().into(), a.octets()), 1, 0)
-                    .with_context(|| format!("adding {c} to the allowlist"))?;
-            }
-        }
-    }
-    let mut v6: LpmTrie<&mut MapData, [u8; 16], u8> =
-        LpmTrie::try_from(ebpf.map_mut("ALLOW_V6").context("map ALLOW_V6 missing")?)?;
-    for c in cidrs {
-        if let IpAddr::V6(a) = c.addr() {
-            v6.insert(&Key::new(c.prefix_len().into(), a.octets()), 1, 0)
-                .with_context(|| format!("adding {c} to the allowlist"))?;
-        }
+    let v4 = cidrs.iter().filter_map(|c| match c.addr() {
+        IpAddr::V4(a) => Some((c, a.octets())),
+        IpAddr::V6(_) => None,
+    });
+    insert_prefixes(ebpf, "ALLOW_V4", v4)?;
+    let v6 = cidrs.iter().filter_map(|c| match c.addr() {
+        IpAddr::V6(a) => Some((c, a.octets())),
+        IpAddr::V4(_) => None,
+    });
+    insert_prefixes(ebpf, "ALLOW_V6", v6)
+}
+
+fn insert_prefixes<'c, const N: usize>(
+    ebpf: &mut Ebpf,
+    map: &str,
+    entries: impl Iterator<Item = (&'c Cidr, [u8; N])>,
+) -> Result<()> {
+    let mut trie: LpmTrie<&mut MapData, [u8; N], u8> = LpmTrie::try_from(
+        ebpf.map_mut(map)
+            .with_context(|| format!("map {map} missing"))?,
+    )?;
+    for (cidr, addr) in entries {
+        trie.insert(&Key::new(cidr.prefix_len().into(), addr), 1, 0)
+            .with_context(|| format!("adding {cidr} to the allowlist"))?;
     }
     Ok(())
 }

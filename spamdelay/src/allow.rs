@@ -52,6 +52,40 @@ impl Cidr {
     pub fn contains(&self, addr: &IpAddr) -> bool {
         self.0.contains(addr)
     }
+
+    /// This network includes all of `other`.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        self.0.contains(&other.0)
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.addr().is_ipv4()
+    }
+
+    /// Whether this is a single address (a /32 or /128).
+    pub fn is_host(&self) -> bool {
+        self.0.prefix_len() == self.0.max_prefix_len()
+    }
+
+    /// The network of `prefix_len` bits around `addr`.
+    pub fn around(addr: IpAddr, prefix_len: u8) -> Self {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let net = IpNet::new(addr, prefix_len.min(max)).unwrap_or_else(|_| IpNet::from(addr));
+        Cidr(net.trunc())
+    }
+}
+
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Loopback networks, always allowed.

@@ -1,9 +1,12 @@
-//! Command line: `spamdelay run ...`. Values are parsed into their types here,
-//! at the boundary, so the rest of the daemon never sees a bad port or CIDR.
+//! Command line: `spamdelay run | list | ban | unban | status`. Values are
+//! parsed into their types here, at the boundary, so the rest of the program
+//! never sees a bad port, CIDR or duration.
+
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::allow::Cidr;
+use crate::{allow::Cidr, nft::Action};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -12,14 +15,64 @@ use crate::allow::Cidr;
     about = "Catch SMTP early talkers in the kernel and ban them in the firewall"
 )]
 pub struct Cli {
+    /// Where bans and the daemon's status are kept.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "/var/lib/spamdelay"
+    )]
+    pub state_dir: PathBuf,
+
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Attach to interfaces and report every SMTP client's verdict.
+    /// Attach to interfaces, report every SMTP client's verdict, ban early talkers.
     Run(RunArgs),
+    /// Show the bans in force: address, time left, offences, reason.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ban an address or network by hand.
+    Ban {
+        /// ADDRESS or ADDRESS/PREFIX.
+        cidr: Cidr,
+        /// How long.
+        #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = duration)]
+        time: Duration,
+        /// Shown in `list` and in nft's element comment.
+        #[arg(long, value_name = "TEXT", default_value = "manual ban")]
+        reason: String,
+    },
+    /// Lift a ban (and forget the offences) of an address or network.
+    Unban {
+        /// ADDRESS or ADDRESS/PREFIX: lifts every ban inside it.
+        cidr: Cidr,
+    },
+    /// The daemon's state, the kernel's counters and the ban counts.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `90s`, `15m`, `1h`, `7d`, `1h 30m`.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("bad duration '{s}' ({e}): use e.g. 90s, 15m, 1h, 7d"))
+        .and_then(|d| {
+            if d.as_secs() == 0 {
+                Err(format!("bad duration '{s}': at least 1s"))
+            } else {
+                Ok(d)
+            }
+        })
 }
 
 #[derive(Args, Debug, Clone)]
@@ -43,9 +96,39 @@ pub struct RunArgs {
     #[arg(long = "allow", value_name = "CIDR")]
     pub allow: Vec<Cidr>,
 
-    /// Detect and log only; never ban.
+    /// Detect and log (`would ban`) only; never touch nftables.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Ban time for a first offence.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
+    pub ban_time: Duration,
+
+    /// Ceiling for repeat offenders, whose ban time doubles per offence.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = duration)]
+    pub max_ban_time: Duration,
+
+    /// How long offences are remembered after a ban ends.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = duration)]
+    pub remember: Duration,
+
+    /// Also ban clients that hang up before the greeting (QUIT).
+    #[arg(long)]
+    pub ban_quitters: bool,
+
+    /// Ban this IPv6 prefix around an offender (128: the address alone; 64: its /64).
+    #[arg(long, value_name = "N", default_value_t = 128,
+          value_parser = clap::value_parser!(u8).range(16..=128))]
+    pub ipv6_prefix: u8,
+
+    /// What nftables does to a banned client's connection.
+    #[arg(long, value_enum, default_value_t = Action::Reject)]
+    pub action: Action,
+
+    /// Capacity of each nft set (IPv4, IPv6).
+    #[arg(long, value_name = "N", default_value_t = 65536,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    pub set_size: u32,
 
     /// Flows followed at once; the oldest are forgotten beyond this.
     #[arg(long, value_name = "N", default_value_t = 65536,

@@ -1,74 +1,156 @@
-//! `spamdelay run`: load, attach, fill the maps, then log every verdict until
-//! SIGINT or SIGTERM, when the programs are detached and the daemon exits 0.
+//! `spamdelay run`: load, set up the nftables table and restore bans, attach,
+//! then hand every verdict to the enforcer until SIGINT or SIGTERM, when the
+//! programs are detached and the daemon exits 0. Bans stay in nftables with
+//! their timeouts and in the register, for the next start.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
+use aya::maps::{MapData, PerCpuArray};
 use log::{info, warn};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
-use crate::{allow, cli::RunArgs, events, loader, privilege};
+use crate::{
+    allow,
+    bans::{self, Store, TableSettings},
+    cli::RunArgs,
+    enforcer::Enforcer,
+    events, loader,
+    metrics::{self, Attachment, Status},
+    policy::Policy,
+    privilege,
+};
 
-pub async fn run(args: RunArgs) -> Result<()> {
+pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     loader::check_ports(&args.ports)?;
     for iface in &args.ifaces {
         loader::check_interface(iface)?;
     }
     privilege::check_run()?;
     let allowlist = allow::effective(&args.allow).context("listing this host's addresses")?;
+    let store = Store::new(&state_dir);
 
     let mut ebpf = loader::load(&args.ports, args.max_flows)?;
     loader::fill_allowlist(&mut ebpf, &allowlist)?;
     let ring = loader::take_events(&mut ebpf)?;
+    let stats = Arc::new(loader::take_stats(&mut ebpf)?);
+
+    let enforcer = Enforcer {
+        store: store.clone(),
+        policy: Policy {
+            ban_time: args.ban_time,
+            max_ban_time: args.max_ban_time.max(args.ban_time),
+            ban_quitters: args.ban_quitters,
+            ipv6_prefix: args.ipv6_prefix,
+            remember: args.remember,
+        },
+        table: TableSettings {
+            ports: args.ports.clone(),
+            action: args.action,
+            set_size: args.set_size,
+        },
+        dry_run: args.dry_run,
+    };
+    enforcer.start().await?;
+
     let mut attached = Vec::new();
     for iface in &args.ifaces {
         let mode = loader::attach(&mut ebpf, iface)?;
-        attached.push(format!("{iface} ({mode})"));
+        attached.push(Attachment {
+            iface: iface.clone(),
+            mode: mode.to_string(),
+        });
     }
-
     let ports: Vec<String> = args.ports.iter().map(u16::to_string).collect();
+    let on: Vec<String> = attached
+        .iter()
+        .map(|a| format!("{} ({})", a.iface, a.mode))
+        .collect();
     info!(
         "watching port {} on {}{}",
         ports.join(","),
-        attached.join(", "),
+        on.join(", "),
         if args.dry_run {
-            "; dry run: detect and log only"
+            "; dry run: detect and log only, nftables untouched"
         } else {
             ""
         }
     );
     let allowed: Vec<String> = allowlist.iter().map(ToString::to_string).collect();
     info!("allowlist: {}", allowed.join(" "));
+    if !args.dry_run {
+        info!(
+            "banning early talkers in table inet spamdelay for {} (doubling per repeat, up to {}); bans kept in {}",
+            humantime::format_duration(args.ban_time),
+            humantime::format_duration(args.max_ban_time),
+            store.path().display()
+        );
+    }
 
-    let (tx, mut rx) = mpsc::channel(4096);
+    let mut status = Status {
+        pid: std::process::id(),
+        started: bans::now(),
+        updated: bans::now(),
+        running: true,
+        attached,
+        ports: args.ports.clone(),
+        dry_run: args.dry_run,
+        counters: Default::default(),
+    };
+    let (tx, rx) = mpsc::channel(65536);
     let reader = tokio::spawn(events::forward(ring, tx));
+    let enforcing = tokio::spawn(enforcer.run(rx));
+    let reporting = tokio::spawn(report_status(
+        stats.clone(),
+        status.clone(),
+        state_dir.clone(),
+    ));
+
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    loop {
-        tokio::select! {
-            Some(report) = rx.recv() => info!("{report}"),
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            else => {
-                warn!("the verdict reader stopped");
-                break;
-            }
-        }
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
     }
+    // Closing the channel lets the enforcer finish what it has, then stop.
     reader.abort();
-    // Reports already read are still worth logging.
-    while let Ok(report) = rx.try_recv() {
-        info!("{report}");
+    let _ = reader.await;
+    if tokio::time::timeout(Duration::from_secs(5), enforcing)
+        .await
+        .is_err()
+    {
+        warn!("the enforcer did not finish within 5 s");
     }
-    if let Ok(stats) = loader::read_stats(&ebpf) {
-        let line: Vec<String> = stats
-            .iter()
-            .map(|(s, v)| format!("{}={v}", s.name()))
-            .collect();
-        info!("stopping: {}", line.join(" "));
+    reporting.abort();
+    let _ = reporting.await;
+    if let Ok(counts) = metrics::sum(&*stats) {
+        info!("stopping: {}", metrics::line(&counts));
+        status.set_counters(&counts);
+    }
+    status.running = false;
+    status.updated = bans::now();
+    if let Err(e) = status.write(&state_dir) {
+        warn!("writing the final status: {e:#}");
     }
     // Dropping the object detaches every program.
     drop(ebpf);
     Ok(())
+}
+
+/// Refreshes the status file each second with the kernel's counters.
+async fn report_status(stats: Arc<PerCpuArray<MapData, u64>>, mut status: Status, dir: PathBuf) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Ok(s) = metrics::sum(&*stats) {
+            status.set_counters(&s);
+        }
+        status.updated = bans::now();
+        if let Err(e) = status.write(&dir) {
+            warn!("writing the status file: {e:#}");
+        }
+    }
 }

@@ -1,9 +1,15 @@
 //! spamdelay's daemon and admin CLI as a library, so the end-to-end tests and
 //! the demo drive exactly the code the binary runs.
 
+pub mod admin;
 pub mod allow;
+pub mod bans;
 pub mod cli;
 pub mod daemon;
+pub mod enforcer;
 pub mod events;
 pub mod loader;
+pub mod metrics;
+pub mod nft;
+pub mod policy;
 pub mod privilege;

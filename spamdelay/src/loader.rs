@@ -15,7 +15,7 @@ use aya::{
         tc::{NlOptions, TcAttachOptions},
     },
 };
-use spamdelay_common::{MAX_PORTS, Stat, stats::STAT_COUNT};
+use spamdelay_common::{MAX_PORTS, Stat};
 
 use crate::allow::Cidr;
 
@@ -174,16 +174,17 @@ pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
     Ok(RingBuf::try_from(map)?)
 }
 
-/// The kernel's counters, summed over CPUs, indexed by `Stat`.
+/// The kernel's counters, summed over CPUs, in `Stat` order.
 pub fn read_stats(ebpf: &Ebpf) -> Result<Vec<(Stat, u64)>> {
     let stats: PerCpuArray<&MapData, u64> =
         PerCpuArray::try_from(ebpf.map("STATS").context("map STATS missing")?)?;
-    let mut out = Vec::with_capacity(STAT_COUNT as usize);
-    for stat in Stat::ALL {
-        let per_cpu = stats.get(&(stat as u32), 0)?;
-        out.push((stat, per_cpu.iter().sum()));
-    }
-    Ok(out)
+    crate::metrics::sum(&stats)
+}
+
+/// Takes the counters out of the object, for a task of their own.
+pub fn take_stats(ebpf: &mut Ebpf) -> Result<PerCpuArray<MapData, u64>> {
+    let map = ebpf.take_map("STATS").context("map STATS missing")?;
+    Ok(PerCpuArray::try_from(map)?)
 }
 
 /// The error and its causes on one line.

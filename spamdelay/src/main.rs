@@ -3,7 +3,11 @@
 use std::{io::Write, process::ExitCode};
 
 use clap::Parser;
-use spamdelay::cli::{Cli, Command};
+use spamdelay::{
+    admin,
+    bans::Store,
+    cli::{Cli, Command},
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -15,8 +19,15 @@ fn main() -> ExitCode {
         .map_err(anyhow::Error::from)
         .and_then(|rt| {
             rt.block_on(async {
+                let store = Store::new(&cli.state_dir);
                 match cli.command {
-                    Command::Run(args) => spamdelay::daemon::run(args).await,
+                    Command::Run(args) => spamdelay::daemon::run(args, cli.state_dir).await,
+                    Command::List { json } => admin::list(&store, json),
+                    Command::Ban { cidr, time, reason } => {
+                        admin::ban(&store, cidr, time, &reason).await
+                    }
+                    Command::Unban { cidr } => admin::unban(&store, cidr).await,
+                    Command::Status { json } => admin::status(&store, &cli.state_dir, json).await,
                 }
             })
         });
@@ -36,6 +47,7 @@ fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format(|buf, record| match record.level() {
             log::Level::Info => writeln!(buf, "{}", record.args()),
+            log::Level::Warn => writeln!(buf, "warning: {}", record.args()),
             level => writeln!(buf, "{}: {}", level.as_str().to_lowercase(), record.args()),
         })
         .init();

@@ -38,13 +38,29 @@ struct Log {
 pub struct Daemon {
     child: Child,
     log: Arc<Log>,
+    /// The daemon's private `--state-dir`.
+    state: Arc<tempfile::TempDir>,
 }
 
 impl Daemon {
-    /// Starts `spamdelay ARGS` in `ns` and waits until it watches.
+    /// Starts `spamdelay run ARGS` in `ns` with a state directory of its own
+    /// and waits until it watches.
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
+        let state = Arc::new(tempfile::tempdir().context("creating a state directory")?);
+        Self::start_with_state(ns, args, state)
+    }
+
+    /// Starts `spamdelay run ARGS` on an existing state directory (a restart).
+    pub fn start_with_state(
+        ns: &Netns,
+        args: &[&str],
+        state: Arc<tempfile::TempDir>,
+    ) -> Result<Self> {
         let mut child = ns
             .command(binary())
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("run")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -76,7 +92,7 @@ impl Daemon {
                 }
             });
         }
-        let mut d = Daemon { child, log };
+        let mut d = Daemon { child, log, state };
         if d.wait_for(|l| l.starts_with("watching port"), Duration::from_secs(30))
             .is_none()
         {
@@ -84,6 +100,34 @@ impl Daemon {
             bail!("spamdelay did not start (exit {status:?}): {:?}", d.lines());
         }
         Ok(d)
+    }
+
+    pub fn state(&self) -> Arc<tempfile::TempDir> {
+        self.state.clone()
+    }
+
+    /// Runs an admin command (`list`, `ban`, ...) against this daemon's state,
+    /// in `ns`; returns (success, stdout, stderr).
+    pub fn admin(&self, ns: &Netns, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = ns
+            .command(binary())
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .args(args)
+            .output()
+            .context("running spamdelay")?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// SIGKILL: no clean shutdown at all.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     pub fn lines(&self) -> Vec<String> {

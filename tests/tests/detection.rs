@@ -37,7 +37,7 @@ impl Setup {
                 TestServer::start(&lab.server, p, greeting).expect("starting the test server")
             })
             .collect();
-        let mut args = vec!["run", "--iface", SERVER_IF];
+        let mut args = vec!["--iface", SERVER_IF];
         args.extend_from_slice(extra);
         let daemon = Daemon::start(&lab.server, &args).expect("starting spamdelay");
         Setup {

@@ -26,7 +26,7 @@ fn main() -> Result<()> {
         lab.client.name()
     );
     println!("daemon: spamdelay run --iface {SERVER_IF}\n");
-    let daemon = Daemon::start(&lab.server, &["run", "--iface", SERVER_IF])?;
+    let daemon = Daemon::start(&lab.server, &["--iface", SERVER_IF])?;
     let mut shown = 0;
     let mut show = |d: &Daemon| {
         let lines = d.lines();

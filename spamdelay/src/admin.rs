@@ -1,0 +1,244 @@
+//! The admin commands: `list`, `ban`, `unban`, `status`. They work on the
+//! register and the nftables table directly, under the register's lock, so
+//! they behave the same whether the daemon runs or not.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::{
+    allow::Cidr,
+    bans::{self, Ban, Store},
+    enforcer::show,
+    metrics::Status,
+    nft::{self, Change},
+};
+
+#[derive(Serialize)]
+struct Row<'a> {
+    address: String,
+    seconds_left: u64,
+    offences: u32,
+    reason: &'a str,
+}
+
+fn human(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+pub fn list(store: &Store, json: bool) -> Result<()> {
+    let (locked, _) = store.lock()?;
+    let now = bans::now();
+    let rows: Vec<Row> = locked
+        .register
+        .active(now)
+        .map(|(cidr, ban)| Row {
+            address: cidr.to_string(),
+            seconds_left: ban.time_left(now).as_secs(),
+            offences: ban.offences,
+            reason: &ban.reason,
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no bans in force");
+        return Ok(());
+    }
+    println!(
+        "{:<42} {:>14} {:>8}  REASON",
+        "ADDRESS", "TIME LEFT", "OFFENCES"
+    );
+    for r in &rows {
+        println!(
+            "{:<42} {:>14} {:>8}  {}",
+            r.address,
+            human(r.seconds_left),
+            r.offences,
+            r.reason
+        );
+    }
+    Ok(())
+}
+
+pub async fn ban(store: &Store, cidr: Cidr, time: Duration, reason: &str) -> Result<()> {
+    let (mut locked, _) = store.lock()?;
+    let now = bans::now();
+    if let Some((by, b)) = locked.register.covering(&cidr, now)
+        && *by != cidr
+        && b.expires >= now + time.as_secs()
+    {
+        bail!(
+            "{} is already banned as {} for longer: nothing to do",
+            show(&cidr),
+            show(by)
+        );
+    }
+    // Narrower bans inside a new wider one give way to it (nft sets refuse
+    // overlapping intervals).
+    let inside: Vec<Cidr> = locked
+        .register
+        .active(now)
+        .map(|(c, _)| *c)
+        .filter(|c| *c != cidr && cidr.covers(c))
+        .collect();
+    let prior = locked.register.bans.get(&cidr).map_or(0, |b| b.offences);
+    let ban = Ban {
+        expires: now + time.as_secs(),
+        reason: nft::comment(&format!("manual: {reason}")),
+        offences: prior + 1,
+        remember_until: now + time.as_secs(),
+    };
+    let t = locked.register.table.clone();
+    nft::ensure_table(&t.ports, t.action, t.set_size)
+        .await
+        .context("setting up table inet spamdelay")?;
+    let mut changes: Vec<Change> = inside.iter().map(|c| Change::Delete { cidr: *c }).collect();
+    changes.push(Change::Add {
+        cidr,
+        timeout_secs: time.as_secs(),
+        comment: ban.reason.clone(),
+    });
+    nft::apply_changes(&changes)
+        .await
+        .with_context(|| format!("banning {}", show(&cidr)))?;
+    for c in &inside {
+        locked.register.bans.remove(c);
+    }
+    locked.register.bans.insert(cidr, ban);
+    locked.save()?;
+    println!("banned {} for {}", show(&cidr), human(time.as_secs()));
+    Ok(())
+}
+
+pub async fn unban(store: &Store, cidr: Cidr) -> Result<()> {
+    let (mut locked, _) = store.lock()?;
+    let now = bans::now();
+    let lifted: Vec<Cidr> = locked
+        .register
+        .bans
+        .keys()
+        .copied()
+        .filter(|c| cidr.covers(c))
+        .collect();
+    // Delete only what nft still holds: deleting a missing element fails the
+    // whole transaction.
+    let in_nft = nft::list_elements()
+        .await
+        .context("listing table inet spamdelay")?;
+    let changes: Vec<Change> = in_nft
+        .iter()
+        .filter(|l| cidr.covers(&l.cidr))
+        .map(|l| Change::Delete { cidr: l.cidr })
+        .collect();
+    if lifted.is_empty() && changes.is_empty() {
+        bail!(
+            "{} is not banned: `spamdelay list` shows the bans",
+            show(&cidr)
+        );
+    }
+    nft::apply_changes(&changes)
+        .await
+        .with_context(|| format!("unbanning {}", show(&cidr)))?;
+    for c in &lifted {
+        locked.register.bans.remove(c);
+    }
+    locked.register.forget_expired(now);
+    locked.save()?;
+    let names: Vec<String> = if lifted.is_empty() {
+        changes.iter().map(|c| show(c.cidr())).collect()
+    } else {
+        lifted.iter().map(show).collect()
+    };
+    println!("unbanned {}", names.join(", "));
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct StatusReport {
+    daemon: Option<Status>,
+    daemon_running: bool,
+    bans_v4: usize,
+    bans_v6: usize,
+    remembered: usize,
+    table_present: bool,
+    refused_packets: u64,
+}
+
+pub async fn status(store: &Store, dir: &Path, json: bool) -> Result<()> {
+    let daemon = Status::read(dir)?;
+    let running = daemon.as_ref().is_some_and(Status::alive);
+    let (locked, _) = store.lock()?;
+    let now = bans::now();
+    let (v4, v6) =
+        locked.register.active(now).fold(
+            (0, 0),
+            |(a, b), (c, _)| {
+                if c.is_ipv4() { (a + 1, b) } else { (a, b + 1) }
+            },
+        );
+    let remembered = locked
+        .register
+        .bans
+        .values()
+        .filter(|b| !b.active(now))
+        .count();
+    drop(locked);
+    let table_present = nft::table_exists().await.unwrap_or(false);
+    let refused = nft::refused_packets().await.unwrap_or(0);
+    let report = StatusReport {
+        daemon,
+        daemon_running: running,
+        bans_v4: v4,
+        bans_v6: v6,
+        remembered,
+        table_present,
+        refused_packets: refused,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    match (&report.daemon, running) {
+        (Some(d), true) => {
+            let on: Vec<String> = d
+                .attached
+                .iter()
+                .map(|a| format!("{} ({})", a.iface, a.mode))
+                .collect();
+            let ports: Vec<String> = d.ports.iter().map(u16::to_string).collect();
+            println!(
+                "daemon: running, pid {}, up {}, attached to {}, port {}{}",
+                d.pid,
+                human(now.saturating_sub(d.started)),
+                on.join(", "),
+                ports.join(","),
+                if d.dry_run { ", dry run" } else { "" }
+            );
+        }
+        (Some(d), false) => println!(
+            "daemon: not running (last seen {} ago, pid {})",
+            human(now.saturating_sub(d.updated)),
+            d.pid
+        ),
+        (None, _) => println!("daemon: not running (no status in {})", dir.display()),
+    }
+    println!(
+        "bans: {} IPv4, {} IPv6 in force; {} offenders remembered; table inet spamdelay {}; {} packets refused",
+        v4,
+        v6,
+        remembered,
+        if table_present { "present" } else { "absent" },
+        refused
+    );
+    if let Some(d) = &report.daemon {
+        let counters: BTreeMap<&str, u64> =
+            d.counters.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let line: Vec<String> = counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("kernel: {}", line.join(" "));
+    }
+    Ok(())
+}

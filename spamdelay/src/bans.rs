@@ -1,0 +1,237 @@
+//! The ban register: every ban with its expiry, reason and offence count, and
+//! the offences remembered after a ban expires. Kept in `bans.json` under the
+//! state directory, read and written under a lock by the daemon and the admin
+//! commands alike, replaced atomically so a crash never leaves half a file.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File, OpenOptions},
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::allow::Cidr;
+
+pub const STATE_FILE: &str = "bans.json";
+const LOCK_FILE: &str = "bans.lock";
+
+/// Seconds since the epoch: what the state file stores.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One banned (or remembered) address or network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ban {
+    /// When the ban ends (unix seconds); in the past for a remembered offender.
+    pub expires: u64,
+    /// Why, as shown in nft's element comment and `spamdelay list`.
+    pub reason: String,
+    /// Offences counted for this address (manual bans count one).
+    pub offences: u32,
+    /// Until when the offences are remembered (unix seconds).
+    pub remember_until: u64,
+}
+
+impl Ban {
+    pub fn active(&self, now: u64) -> bool {
+        self.expires > now
+    }
+
+    pub fn time_left(&self, now: u64) -> Duration {
+        Duration::from_secs(self.expires.saturating_sub(now))
+    }
+}
+
+/// What the table was last set up with, so admin commands run without the
+/// daemon recreate the same table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSettings {
+    pub ports: Vec<u16>,
+    pub action: crate::nft::Action,
+    pub set_size: u32,
+}
+
+impl Default for TableSettings {
+    fn default() -> Self {
+        TableSettings {
+            ports: vec![25],
+            action: crate::nft::Action::Reject,
+            set_size: 65536,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    #[serde(default)]
+    pub table: TableSettings,
+    /// Keyed by the CIDR (`198.51.100.7/32`, `2001:db8::/64`).
+    #[serde(default)]
+    pub bans: BTreeMap<Cidr, Ban>,
+}
+
+impl Register {
+    /// Bans still in force.
+    pub fn active(&self, now: u64) -> impl Iterator<Item = (&Cidr, &Ban)> {
+        self.bans.iter().filter(move |(_, b)| b.active(now))
+    }
+
+    /// The active ban covering `cidr`, if any (itself or a wider network).
+    pub fn covering(&self, cidr: &Cidr, now: u64) -> Option<(&Cidr, &Ban)> {
+        self.active(now).find(|(c, _)| c.covers(cidr))
+    }
+
+    /// Drops entries neither banned nor remembered any more.
+    pub fn forget_expired(&mut self, now: u64) {
+        self.bans
+            .retain(|_, b| b.active(now) || b.remember_until > now);
+    }
+}
+
+/// The state directory and its lock.
+#[derive(Clone, Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+/// The register, read under the lock; `save` writes it back before the lock
+/// is released (on drop).
+pub struct Locked {
+    _lock: Flock<File>,
+    path: PathBuf,
+    pub register: Register,
+}
+
+impl Store {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Store { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// Locks the register and reads it. A corrupt file is moved aside (never
+    /// silently discarded) and reported in `aside`; the register starts empty.
+    pub fn lock(&self) -> Result<(Locked, Option<PathBuf>)> {
+        fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating the state directory {}", self.dir.display()))?;
+        let lock_path = self.dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .with_context(|| format!("locking {}", lock_path.display()))?;
+        let path = self.path();
+        let (register, aside) = match fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Register>(&bytes) {
+                Ok(r) => (r, None),
+                Err(e) => {
+                    let aside = path.with_extension(format!("json.corrupt-{}", now()));
+                    fs::rename(&path, &aside)
+                        .with_context(|| format!("moving the corrupt {} aside", path.display()))?;
+                    log::error!(
+                        "state file {} is corrupt ({e}): kept as {} and starting with no remembered bans; repair it and restore with `spamdelay ban`",
+                        path.display(),
+                        aside.display()
+                    );
+                    (Register::default(), Some(aside))
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Register::default(), None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok((
+            Locked {
+                _lock: lock,
+                path,
+                register,
+            },
+            aside,
+        ))
+    }
+}
+
+impl Locked {
+    /// Writes the register atomically: a temporary file, fsync, rename.
+    pub fn save(&self) -> Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        let json = serde_json::to_vec_pretty(&self.register)?;
+        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ban(expires: u64) -> Ban {
+        Ban {
+            expires,
+            reason: "early-talk".into(),
+            offences: 1,
+            remember_until: expires + 100,
+        }
+    }
+
+    #[test]
+    fn register_survives_a_round_trip() {
+        let dir = std::env::temp_dir().join(format!("spamdelay-bans-{}", std::process::id()));
+        let store = Store::new(&dir);
+        {
+            let (mut l, aside) = store.lock().unwrap();
+            assert!(aside.is_none());
+            l.register
+                .bans
+                .insert("198.51.100.7".parse().unwrap(), ban(now() + 60));
+            l.save().unwrap();
+        }
+        let (l, _) = store.lock().unwrap();
+        assert_eq!(l.register.bans.len(), 1);
+        drop(l);
+        fs::write(store.path(), b"{ not json").unwrap();
+        let (l, aside) = store.lock().unwrap();
+        assert!(l.register.bans.is_empty());
+        let aside = aside.expect("corrupt file kept aside");
+        assert_eq!(fs::read(&aside).unwrap(), b"{ not json");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn wider_ban_covers_an_address() {
+        let mut r = Register::default();
+        let t = now();
+        r.bans.insert("2001:db8::/64".parse().unwrap(), ban(t + 60));
+        r.bans
+            .insert("198.51.100.0/24".parse().unwrap(), ban(t - 1));
+        assert!(r.covering(&"2001:db8::5".parse().unwrap(), t).is_some());
+        assert!(
+            r.covering(&"198.51.100.7".parse().unwrap(), t).is_none(),
+            "expired"
+        );
+        r.forget_expired(t + 200);
+        assert!(r.bans.is_empty());
+    }
+}

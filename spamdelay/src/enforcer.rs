@@ -1,0 +1,230 @@
+//! The ban pipeline: verdicts in, deduplicated per network, sentenced by the
+//! policy, applied to nftables in batches (one transaction per batch), then
+//! recorded in the register. It also keeps the table alive: should it vanish
+//! (`nft flush ruleset`, a firewall reload), it is rebuilt with the live bans.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use log::{error, info, warn};
+use tokio::{sync::mpsc, time::Instant};
+
+use crate::{
+    allow::Cidr,
+    bans::{self, Register, Store, TableSettings},
+    events::Report,
+    nft::{self, Change, NftError},
+    policy::{Offence, Policy},
+};
+
+/// A batch closes after this long or this many verdicts, whichever first.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
+pub const BATCH_MAX: usize = 512;
+/// How often the table's presence is checked.
+pub const HEAL_EVERY: Duration = Duration::from_millis(500);
+
+pub struct Enforcer {
+    pub store: Store,
+    pub policy: Policy,
+    pub table: TableSettings,
+    pub dry_run: bool,
+}
+
+/// `[198.51.100.7]` for an address, `[2001:db8::]/64` for a network.
+pub fn show(cidr: &Cidr) -> String {
+    if cidr.is_host() {
+        format!("[{}]", cidr.addr())
+    } else {
+        format!("[{}]/{}", cidr.addr(), cidr.prefix_len())
+    }
+}
+
+fn human(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+impl Enforcer {
+    /// Sets up the table and restores the register's live bans. Nothing at
+    /// all is done to nftables in a dry run.
+    pub async fn start(&self) -> Result<()> {
+        if self.dry_run {
+            return Ok(());
+        }
+        let (mut locked, _) = self.store.lock()?;
+        locked.register.table = self.table.clone();
+        locked.register.forget_expired(bans::now());
+        locked.save()?;
+        let restored = self
+            .rebuild(live_bans(&locked.register, bans::now()))
+            .await?;
+        if restored > 0 {
+            info!(
+                "restored {restored} bans from {}",
+                self.store.path().display()
+            );
+        }
+        Ok(())
+    }
+
+    /// (Re)creates the table and loads the live bans into it.
+    async fn rebuild(&self, live: Vec<Change>) -> Result<usize> {
+        let t = &self.table;
+        if let Err(e) = nft::ensure_table(&t.ports, t.action, t.set_size).await {
+            if matches!(e, NftError::Missing | NftError::Permission) {
+                return Err(e).context("setting up table inet spamdelay");
+            }
+            // Sets made earlier with other settings: start the table afresh;
+            // the register holds every ban, so nothing is lost.
+            warn!("table inet spamdelay does not match these settings ({e}): recreating it");
+            nft::delete_table()
+                .await
+                .context("deleting the old table inet spamdelay")?;
+            nft::ensure_table(&t.ports, t.action, t.set_size)
+                .await
+                .context("creating table inet spamdelay")?;
+        }
+        Ok(apply_resilient(&live).await.len())
+    }
+
+    /// Runs until the report channel closes.
+    pub async fn run(self, mut reports: mpsc::Receiver<Report>) {
+        let mut heal = tokio::time::interval(HEAL_EVERY);
+        heal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                first = reports.recv() => {
+                    let Some(first) = first else { return };
+                    let batch = collect_batch(first, &mut reports).await;
+                    if let Err(e) = self.punish(&batch).await {
+                        error!("applying {} verdicts: {e:#}", batch.len());
+                    }
+                }
+                _ = heal.tick(), if !self.dry_run => {
+                    if let Err(e) = self.heal().await {
+                        error!("checking table inet spamdelay: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sentences a batch of verdicts and applies the bans in one transaction.
+    async fn punish(&self, batch: &[Report]) -> Result<()> {
+        // Log every verdict first: the log is the record even if nft fails.
+        for r in batch {
+            info!("{r}");
+        }
+        let mut offences: Vec<Offence> = Vec::new();
+        for o in batch.iter().filter_map(|r| self.policy.offence(r)) {
+            if !offences.iter().any(|seen| seen.cidr == o.cidr) {
+                offences.push(o);
+            }
+        }
+        if offences.is_empty() {
+            return Ok(());
+        }
+        let (mut locked, _) = self.store.lock()?;
+        let now = bans::now();
+        let mut planned = Vec::new();
+        for o in offences {
+            if let Some((by, _)) = locked.register.covering(&o.cidr, now) {
+                info!("{} already banned as {}", show(&o.cidr), show(by));
+                continue;
+            }
+            let sentence = self.policy.sentence(locked.register.bans.get(&o.cidr), now);
+            let ban = self.policy.ban(&sentence, o.reason, now);
+            let verb = if self.dry_run { "would ban" } else { "ban" };
+            info!(
+                "{verb} {} for {} (offence {}): {}",
+                show(&o.cidr),
+                human(sentence.duration),
+                sentence.offences,
+                ban.reason
+            );
+            planned.push((o.cidr, ban));
+        }
+        if self.dry_run || planned.is_empty() {
+            return Ok(());
+        }
+        let changes: Vec<Change> = planned
+            .iter()
+            .map(|(cidr, ban)| Change::Add {
+                cidr: *cidr,
+                timeout_secs: ban.time_left(now).as_secs(),
+                comment: nft::comment(&ban.reason),
+            })
+            .collect();
+        let applied = apply_resilient(&changes).await;
+        for (cidr, ban) in planned {
+            if applied.contains(&cidr) {
+                locked.register.bans.insert(cidr, ban);
+            }
+        }
+        locked.register.forget_expired(now);
+        locked.save()
+    }
+
+    /// Rebuilds the table if someone removed it.
+    async fn heal(&self) -> Result<()> {
+        if nft::table_exists().await? {
+            return Ok(());
+        }
+        let (locked, _) = self.store.lock()?;
+        let live = live_bans(&locked.register, bans::now());
+        warn!(
+            "table inet spamdelay is gone (flushed or reloaded?): recreating it with {} live bans",
+            live.len()
+        );
+        self.rebuild(live).await?;
+        Ok(())
+    }
+}
+
+/// Every ban in force, as additions with their time left.
+fn live_bans(register: &Register, now: u64) -> Vec<Change> {
+    register
+        .active(now)
+        .map(|(cidr, ban)| Change::Add {
+            cidr: *cidr,
+            timeout_secs: ban.time_left(now).as_secs(),
+            comment: nft::comment(&ban.reason),
+        })
+        .collect()
+}
+
+/// Gathers more verdicts for up to `BATCH_WINDOW` after the first.
+async fn collect_batch(first: Report, reports: &mut mpsc::Receiver<Report>) -> Vec<Report> {
+    let mut batch = vec![first];
+    let deadline = Instant::now() + BATCH_WINDOW;
+    while batch.len() < BATCH_MAX {
+        match tokio::time::timeout_at(deadline, reports.recv()).await {
+            Ok(Some(r)) => batch.push(r),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Applies changes in one transaction; if nft refuses the whole, each change
+/// alone, so one bad element cannot cost the others. Returns what took.
+pub async fn apply_resilient(changes: &[Change]) -> Vec<Cidr> {
+    match nft::apply_changes(changes).await {
+        Ok(()) => return changes.iter().map(|c| *c.cidr()).collect(),
+        Err(e) if changes.len() == 1 => {
+            error!("nft refused {}: {e}", show(changes[0].cidr()));
+            return Vec::new();
+        }
+        Err(e) => warn!(
+            "nft refused a batch of {} ({e}): applying them one by one",
+            changes.len()
+        ),
+    }
+    let mut ok = Vec::new();
+    for c in changes {
+        match nft::apply_changes(std::slice::from_ref(c)).await {
+            Ok(()) => ok.push(*c.cidr()),
+            Err(e) => error!("nft refused {}: {e}", show(c.cidr())),
+        }
+    }
+    ok
+}

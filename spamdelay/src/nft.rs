@@ -1,0 +1,418 @@
+//! Where bans reach nftables: spamdelay's own `inet spamdelay` table (two
+//! sets with timeouts, input and forward chains that refuse banned clients on
+//! the watched ports), created idempotently, and element changes applied as
+//! one `nft -j` transaction per batch. Nothing outside the table is touched.
+
+use std::{borrow::Cow, collections::HashSet, net::IpAddr, process::Stdio};
+
+use nftables::{
+    expr::{Elem, Expression, NamedExpression, Payload, PayloadField, Prefix, SetItem},
+    schema::{
+        Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag,
+        SetType, SetTypeValue, Table,
+    },
+    stmt::{Counter, Match, Operator, Reject, RejectType, Statement},
+    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::allow::Cidr;
+
+pub const TABLE: &str = "spamdelay";
+pub const SET_V4: &str = "early_talkers_v4";
+pub const SET_V6: &str = "early_talkers_v6";
+/// nft keeps at most this many bytes of an element comment.
+const COMMENT_MAX: usize = 120;
+
+/// What the chain does to a banned client's connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Answer with a TCP reset: the client learns at once.
+    #[default]
+    Reject,
+    /// Drop silently: the client waits for its timeout.
+    Drop,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("nft is not installed: install nftables (apt-get install nftables)")]
+    Missing,
+    #[error("nft was refused (no CAP_NET_ADMIN): run as root or grant CAP_NET_ADMIN")]
+    Permission,
+    #[error("nft: no such table, set or element")]
+    NoSuchObject,
+    #[error("nft failed: {0}")]
+    Failed(String),
+}
+
+/// Runs `nft -j ARGS`, feeding `input` on stdin; returns stdout.
+async fn nft(args: &'static [&'static str], input: Option<Vec<u8>>) -> Result<Vec<u8>, NftError> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("nft")
+        .arg("-j")
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                NftError::Missing
+            } else {
+                NftError::Failed(e.to_string())
+            }
+        })?;
+    if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(&bytes)
+            .await
+            .map_err(|e| NftError::Failed(format!("writing to nft: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| NftError::Failed(e.to_string()))?;
+    if out.status.success() {
+        return Ok(out.stdout);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("Operation not permitted") {
+        return Err(NftError::Permission);
+    }
+    if stderr.contains("No such file or directory") {
+        return Err(NftError::NoSuchObject);
+    }
+    Err(NftError::Failed(stderr.trim().replace('\n', "; ")))
+}
+
+/// One element change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Add {
+        cidr: Cidr,
+        timeout_secs: u64,
+        comment: String,
+    },
+    Delete {
+        cidr: Cidr,
+    },
+}
+
+impl Change {
+    pub fn cidr(&self) -> &Cidr {
+        match self {
+            Change::Add { cidr, .. } | Change::Delete { cidr } => cidr,
+        }
+    }
+}
+
+/// A banned element as nft lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub cidr: Cidr,
+    pub expires_secs: Option<u64>,
+    pub comment: Option<String>,
+}
+
+fn set_for(cidr: &Cidr) -> &'static str {
+    if cidr.is_ipv4() { SET_V4 } else { SET_V6 }
+}
+
+fn elem_value(cidr: &Cidr) -> Expression<'static> {
+    let addr = Expression::String(Cow::Owned(cidr.addr().to_string()));
+    if cidr.is_host() {
+        addr
+    } else {
+        Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(addr),
+            len: cidr.prefix_len().into(),
+        }))
+    }
+}
+
+/// A comment nft can hold and `nft list` can show: printable ASCII only
+/// (callers escape payload first), no double quote, cut to nft's limit.
+pub fn comment(text: &str) -> String {
+    let mut s: String = text
+        .chars()
+        .map(|c| match c {
+            '"' => '\'',
+            c if c.is_ascii_graphic() || c == ' ' => c,
+            _ => '?',
+        })
+        .collect();
+    s.truncate(COMMENT_MAX);
+    s
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
+}
+
+/// The table's objects: table, sets, chains (flushed, then their rules).
+fn table_objects(ports: &[u16], action: Action, set_size: u32) -> Vec<NfObject<'static>> {
+    let mut objs = vec![NfObject::CmdObject(NfCmd::Add(NfListObject::Table(
+        Table {
+            family: NfFamily::INet,
+            name: TABLE.into(),
+            handle: None,
+        },
+    )))];
+    for (name, ty) in [(SET_V4, SetType::Ipv4Addr), (SET_V6, SetType::Ipv6Addr)] {
+        objs.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Set(
+            Box::new(Set {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: name.into(),
+                handle: None,
+                set_type: SetTypeValue::Single(ty),
+                policy: None,
+                flags: Some(HashSet::from([SetFlag::Interval, SetFlag::Timeout])),
+                elem: None,
+                timeout: None,
+                gc_interval: None,
+                size: Some(set_size),
+                comment: Some("spamdelay: SMTP early talkers".into()),
+            }),
+        ))));
+    }
+    let ports_expr = Expression::Named(NamedExpression::Set(
+        ports
+            .iter()
+            .map(|&p| SetItem::Element(Expression::Number(p.into())))
+            .collect(),
+    ));
+    for (chain, hook) in [("input", NfHook::Input), ("forward", NfHook::Forward)] {
+        objs.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(
+            Chain {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: chain.into(),
+                newname: None,
+                handle: None,
+                _type: Some(NfChainType::Filter),
+                hook: Some(hook),
+                prio: Some(-10),
+                dev: None,
+                policy: Some(NfChainPolicy::Accept),
+            },
+        ))));
+        objs.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
+            Chain {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: chain.into(),
+                ..Default::default()
+            },
+        ))));
+        for (proto, set) in [("ip", SET_V4), ("ip6", SET_V6)] {
+            let verdict = match action {
+                Action::Reject => {
+                    Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None)))
+                }
+                Action::Drop => Statement::Drop(None),
+            };
+            objs.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(Rule {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                chain: chain.into(),
+                expr: vec![
+                    eq(
+                        payload(proto, "saddr"),
+                        Expression::String(format!("@{set}").into()),
+                    ),
+                    eq(payload("tcp", "dport"), ports_expr.clone()),
+                    Statement::Counter(Counter::Anonymous(None)),
+                    verdict,
+                ]
+                .into(),
+                handle: None,
+                index: None,
+                comment: Some("spamdelay: refuse banned SMTP clients".into()),
+            }))));
+        }
+    }
+    objs
+}
+
+fn change_object(change: &Change) -> NfObject<'static> {
+    let (cmd, elem): (
+        fn(NfListObject<'static>) -> NfCmd<'static>,
+        Expression<'static>,
+    ) = match change {
+        Change::Add {
+            cidr,
+            timeout_secs,
+            comment,
+        } => (
+            NfCmd::Add,
+            Expression::Named(NamedExpression::Elem(Elem {
+                val: Box::new(elem_value(cidr)),
+                timeout: Some(u32::try_from(*timeout_secs).unwrap_or(u32::MAX).max(1)),
+                expires: None,
+                comment: Some(comment.clone().into()),
+                counter: None,
+            })),
+        ),
+        Change::Delete { cidr } => (NfCmd::Delete, elem_value(cidr)),
+    };
+    NfObject::CmdObject(cmd(NfListObject::Element(Element {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: set_for(change.cidr()).into(),
+        elem: vec![elem].into(),
+    })))
+}
+
+async fn apply(objects: Vec<NfObject<'static>>) -> Result<(), NftError> {
+    let doc = Nftables {
+        objects: objects.into(),
+    };
+    let json = serde_json::to_vec(&doc).map_err(|e| NftError::Failed(e.to_string()))?;
+    nft(&["-f", "-"], Some(json)).await.map(drop)
+}
+
+/// Creates (or re-creates the rules of) spamdelay's table. Idempotent.
+pub fn ensure_table(
+    ports: &[u16],
+    action: Action,
+    set_size: u32,
+) -> impl std::future::Future<Output = Result<(), NftError>> + Send + 'static {
+    apply(table_objects(ports, action, set_size))
+}
+
+/// Deletes spamdelay's table (used when its sets were made with other settings).
+pub async fn delete_table() -> Result<(), NftError> {
+    apply(vec![NfObject::CmdObject(NfCmd::Delete(
+        NfListObject::Table(Table {
+            family: NfFamily::INet,
+            name: TABLE.into(),
+            handle: None,
+        }),
+    ))])
+    .await
+}
+
+/// Applies element changes as one transaction: all or nothing. The future
+/// owns its objects (no borrow of `changes` lives across its await).
+pub fn apply_changes(
+    changes: &[Change],
+) -> impl std::future::Future<Output = Result<(), NftError>> + Send + 'static {
+    let objects: Vec<NfObject<'static>> = changes.iter().map(change_object).collect();
+    async move {
+        if objects.is_empty() {
+            return Ok(());
+        }
+        apply(objects).await
+    }
+}
+
+async fn list(args: &'static [&'static str]) -> Result<Option<Nftables<'static>>, NftError> {
+    match nft(args, None).await {
+        Ok(out) => serde_json::from_slice(&out)
+            .map(Some)
+            .map_err(|e| NftError::Failed(format!("nft's JSON: {e}"))),
+        Err(NftError::NoSuchObject) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the table exists with both sets.
+pub async fn table_exists() -> Result<bool, NftError> {
+    Ok(list(&["list", "table", "inet", TABLE])
+        .await?
+        .is_some_and(|doc| {
+            let sets = doc
+                .objects
+                .iter()
+                .filter(|o| matches!(o, NfObject::ListObject(NfListObject::Set(_))))
+                .count();
+            sets >= 2
+        }))
+}
+
+/// The elements of both sets as nft has them now (empty when no table).
+pub async fn list_elements() -> Result<Vec<Listed>, NftError> {
+    let mut out = Vec::new();
+    for args in [
+        &["list", "set", "inet", TABLE, SET_V4],
+        &["list", "set", "inet", TABLE, SET_V6],
+    ] {
+        let Some(doc) = list(args).await? else {
+            continue;
+        };
+        for obj in doc.objects.iter() {
+            let NfObject::ListObject(NfListObject::Set(s)) = obj else {
+                continue;
+            };
+            for e in s.elem.iter().flat_map(|v| v.iter()) {
+                if let Some(l) = listed(e) {
+                    out.push(l);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn listed(e: &Expression<'_>) -> Option<Listed> {
+    let (val, expires, comment) = match e {
+        Expression::Named(NamedExpression::Elem(el)) => {
+            (&*el.val, el.expires, el.comment.as_deref())
+        }
+        other => (other, None, None),
+    };
+    let cidr = match val {
+        Expression::String(s) => s.parse().ok()?,
+        Expression::Named(NamedExpression::Prefix(p)) => match &*p.addr {
+            Expression::String(a) => {
+                Cidr::around(a.parse::<IpAddr>().ok()?, u8::try_from(p.len).ok()?)
+            }
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(Listed {
+        cidr,
+        expires_secs: expires.map(u64::from),
+        comment: comment.map(str::to_string),
+    })
+}
+
+/// Packets refused by the table's rules so far (all chains, both families).
+pub async fn refused_packets() -> Result<u64, NftError> {
+    let Some(doc) = list(&["list", "table", "inet", TABLE]).await? else {
+        return Ok(0);
+    };
+    let mut total = 0;
+    for obj in doc.objects.iter() {
+        let NfObject::ListObject(NfListObject::Rule(rule)) = obj else {
+            continue;
+        };
+        for st in rule.expr.iter() {
+            if let Statement::Counter(Counter::Anonymous(Some(c))) = st {
+                total += c.packets.unwrap_or(0) as u64;
+            }
+        }
+    }
+    Ok(total)
+}

@@ -124,7 +124,7 @@ impl Daemon {
     }
 
     /// SIGKILL: no clean shutdown at all.
-    pub fn kill(mut self) -> Result<()> {
+    pub fn kill(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
         Ok(())

@@ -3,9 +3,12 @@
 //! daemon run as a child process. Used by `tests/tests/*.rs` and the demo.
 
 pub mod daemon;
+pub mod flood;
 pub mod lab;
+pub mod nft;
 pub mod packet;
 pub mod raw;
+pub mod scenario;
 pub mod smtp;
 
 /// True when the test may run privileged work. Without root it prints a loud

@@ -95,3 +95,29 @@ fn missing_privilege_says_how_to_get_it() {
         "{line}"
     );
 }
+
+#[test]
+fn missing_nft_is_explained() {
+    if !spamdelay_tests::privileged("missing_nft_is_explained") {
+        return;
+    }
+    let ns = spamdelay_tests::lab::Netns::new("nonft").expect("a namespace");
+    let state = tempfile::tempdir().expect("a state directory");
+    for args in [vec!["run", "--iface", "lo"], vec!["ban", "198.51.100.1"]] {
+        // `env` inside the namespace, so `ip` itself is still found.
+        let out = ns
+            .command("env")
+            .arg("PATH=/nonexistent")
+            .arg(binary())
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(&args)
+            .output()
+            .expect("running spamdelay");
+        let line = error_line(&out);
+        assert!(
+            line.ends_with("nft is not installed: install nftables (apt-get install nftables)"),
+            "{args:?}: {line}"
+        );
+    }
+}

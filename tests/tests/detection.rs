@@ -1,100 +1,23 @@
 //! End to end: the real daemon attached in a server namespace, real TCP
 //! clients in a client namespace, verdicts read from the daemon's log.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use spamdelay_tests::{
-    daemon::{Daemon, counter},
-    lab::{Lab, SERVER_IF, SERVER_V4},
+    daemon::counter,
+    lab::{Lab, SERVER_V4},
     packet::{self, Tcp},
     privileged, raw,
-    smtp::{self, Greeting, TestServer},
+    scenario::{QUIET_WAIT, Scenario, VERDICT_WAIT},
+    smtp::{self, Greeting},
 };
-
-const VERDICT_WAIT: Duration = Duration::from_secs(5);
-/// How long to wait for a verdict that must not come.
-const QUIET_WAIT: Duration = Duration::from_millis(700);
-
-struct Setup {
-    lab: Lab,
-    daemon: Daemon,
-    _servers: Vec<TestServer>,
-}
-
-impl Setup {
-    fn new(greeting: Greeting, extra: &[&str]) -> Self {
-        Self::with_ports(greeting, &[25], extra)
-    }
-
-    fn with_ports(greeting: Greeting, ports: &[u16], extra: &[&str]) -> Self {
-        let lab = Lab::new().expect("building the namespace lab");
-        let servers = ports
-            .iter()
-            .map(|&p| {
-                TestServer::start(&lab.server, p, greeting).expect("starting the test server")
-            })
-            .collect();
-        let mut args = vec!["--iface", SERVER_IF];
-        args.extend_from_slice(extra);
-        let daemon = Daemon::start(&lab.server, &args).expect("starting spamdelay");
-        Setup {
-            lab,
-            daemon,
-            _servers: servers,
-        }
-    }
-
-    /// Runs a client from lab address `i` against `port` and returns the
-    /// client's socket address as spamdelay logs it.
-    fn client(
-        &self,
-        i: u8,
-        v6: bool,
-        port: u16,
-        f: impl FnOnce(IpAddr, SocketAddr) -> anyhow::Result<u16> + Send + 'static,
-    ) -> SocketAddr {
-        let src = Lab::client_addr(i, v6);
-        let dst = SocketAddr::new(Lab::server_addr(v6), port);
-        let cport = self
-            .lab
-            .client
-            .run(move || f(src, dst))
-            .expect("entering the client namespace")
-            .expect("client");
-        SocketAddr::new(src, cport)
-    }
-
-    fn verdict(&self, client: SocketAddr) -> String {
-        self.daemon
-            .verdict_for(client, VERDICT_WAIT)
-            .unwrap_or_else(|| panic!("no verdict for {client}; log: {:#?}", self.daemon.lines()))
-    }
-
-    fn no_verdict(&self, client: SocketAddr) {
-        let got = self.daemon.verdict_for(client, QUIET_WAIT);
-        assert!(got.is_none(), "unexpected verdict for {client}: {got:?}");
-    }
-
-    /// Stops the daemon (SIGTERM must exit 0) and returns its log.
-    fn stop(self) -> Vec<String> {
-        let (status, lines) = self.daemon.stop().expect("stopping spamdelay");
-        assert!(
-            status.success(),
-            "spamdelay exited with {status}: {lines:#?}"
-        );
-        lines
-    }
-}
 
 #[test]
 fn blind_sender_is_an_early_talker() {
     if !privileged("blind_sender_is_an_early_talker") {
         return;
     }
-    let s = Setup::new(Greeting::pause(1500), &[]);
+    let s = Scenario::new(Greeting::pause(1500), &[]);
     let client = s.client(0, false, 25, smtp::blind);
     let line = s.verdict(client);
     assert!(line.starts_with("EARLY-TALK 50 bytes after "), "{line}");
@@ -123,7 +46,7 @@ fn talking_after_the_teaser_is_early_talk() {
     if !privileged("talking_after_the_teaser_is_early_talk") {
         return;
     }
-    let s = Setup::new(Greeting::pause(1500).with_teaser(), &[]);
+    let s = Scenario::new(Greeting::pause(1500).with_teaser(), &[]);
     let client = s.client(1, false, 25, smtp::teaser_talker);
     let line = s.verdict(client);
     assert!(line.starts_with("EARLY-TALK 20 bytes after "), "{line}");
@@ -136,7 +59,7 @@ fn patient_client_passes_only() {
     if !privileged("patient_client_passes_only") {
         return;
     }
-    let s = Setup::new(Greeting::pause(400).with_teaser(), &[]);
+    let s = Scenario::new(Greeting::pause(400).with_teaser(), &[]);
     let client = s.client(2, false, 25, smtp::patient);
     let line = s.verdict(client);
     assert!(line.starts_with("PASS after 0."), "{line}");
@@ -163,7 +86,7 @@ fn hang_up_during_the_pause_is_a_quit() {
     if !privileged("hang_up_during_the_pause_is_a_quit") {
         return;
     }
-    let s = Setup::new(Greeting::pause(3000), &[]);
+    let s = Scenario::new(Greeting::pause(3000), &[]);
     let client = s.client(3, false, 25, |src, dst| {
         smtp::hang_up(src, dst, Duration::from_millis(300))
     });
@@ -177,7 +100,7 @@ fn ipv6_blind_sender_is_an_early_talker() {
     if !privileged("ipv6_blind_sender_is_an_early_talker") {
         return;
     }
-    let s = Setup::new(Greeting::pause(1500), &[]);
+    let s = Scenario::new(Greeting::pause(1500), &[]);
     let client = s.client(4, true, 25, smtp::blind);
     let line = s.verdict(client);
     assert!(line.starts_with("EARLY-TALK 50 bytes"), "{line}");
@@ -199,7 +122,7 @@ fn allowlisted_blind_sender_is_never_flagged() {
     }
     let allowed = Lab::client_v4(5);
     let cidr_v6 = format!("{}/128", Lab::client_v6(5));
-    let s = Setup::new(
+    let s = Scenario::new(
         Greeting::pause(1500),
         &["--allow", &format!("{allowed}/32"), "--allow", &cidr_v6],
     );
@@ -219,7 +142,7 @@ fn other_ports_are_not_watched() {
     if !privileged("other_ports_are_not_watched") {
         return;
     }
-    let s = Setup::with_ports(Greeting::pause(1500), &[25, 2525], &[]);
+    let s = Scenario::with_ports(Greeting::pause(1500), &[25, 2525], &[]);
     let elsewhere = s.client(0, false, 2525, smtp::blind);
     let watched = s.client(1, false, 25, smtp::blind);
     assert!(s.verdict(watched).starts_with("EARLY-TALK"));
@@ -232,7 +155,7 @@ fn extra_watched_port_is_followed() {
     if !privileged("extra_watched_port_is_followed") {
         return;
     }
-    let s = Setup::with_ports(
+    let s = Scenario::with_ports(
         Greeting::pause(1500),
         &[25, 2525],
         &["--port", "25", "--port", "2525"],
@@ -247,7 +170,7 @@ fn greeting_split_across_segments_passes_patient_client() {
     if !privileged("greeting_split_across_segments_passes_patient_client") {
         return;
     }
-    let s = Setup::new(Greeting::pause(200).split(), &[]);
+    let s = Scenario::new(Greeting::pause(200).split(), &[]);
     let client = s.client(7, false, 25, smtp::patient);
     assert!(s.verdict(client).starts_with("PASS after "));
     std::thread::sleep(QUIET_WAIT);
@@ -260,7 +183,7 @@ fn swaks_delivering_patiently_passes() {
     if !privileged("swaks_delivering_patiently_passes") {
         return;
     }
-    let s = Setup::new(Greeting::pause(300).with_teaser(), &[]);
+    let s = Scenario::new(Greeting::pause(300).with_teaser(), &[]);
     let src = Lab::client_v4(2);
     let out = s
         .lab
@@ -310,7 +233,7 @@ fn payload_on_the_handshake_ack_is_early_talk() {
     if !privileged("payload_on_the_handshake_ack_is_early_talk") {
         return;
     }
-    let s = Setup::new(Greeting::pause(1500), &[]);
+    let s = Scenario::new(Greeting::pause(1500), &[]);
     let src = std::net::SocketAddrV4::new(Lab::client_v4(7), 41_007);
     raw::silence_resets(&s.lab.client, *src.ip()).expect("nft in the client namespace");
     let dst = std::net::SocketAddrV4::new(SERVER_V4, 25);
@@ -333,7 +256,7 @@ fn forged_segment_without_handshake_is_ignored() {
     if !privileged("forged_segment_without_handshake_is_ignored") {
         return;
     }
-    let s = Setup::new(Greeting::pause(1500), &[]);
+    let s = Scenario::new(Greeting::pause(1500), &[]);
     // Forged from an address nobody in the lab owns, and from a real client's
     // address too: neither has a handshake, so neither may get a verdict.
     let forged: Vec<SocketAddr> = vec![

@@ -1,0 +1,100 @@
+//! A test scenario: the lab, test SMTP servers on chosen ports, and the real
+//! daemon attached to the server side; clients run from lab addresses.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use crate::{
+    daemon::Daemon,
+    lab::{Lab, SERVER_IF},
+    smtp::{Greeting, TestServer},
+};
+
+pub const VERDICT_WAIT: Duration = Duration::from_secs(5);
+/// How long to wait for a verdict that must not come.
+pub const QUIET_WAIT: Duration = Duration::from_millis(700);
+
+pub struct Scenario {
+    pub lab: Lab,
+    pub daemon: Daemon,
+    _servers: Vec<TestServer>,
+}
+
+impl Scenario {
+    pub fn new(greeting: Greeting, extra: &[&str]) -> Self {
+        Self::with_ports(greeting, &[25], extra)
+    }
+
+    pub fn with_ports(greeting: Greeting, ports: &[u16], extra: &[&str]) -> Self {
+        Self::prepared(greeting, ports, extra, |_| {})
+    }
+
+    /// Runs `before` on the lab before the daemon starts (an admin's own
+    /// firewall table, say).
+    pub fn prepared(
+        greeting: Greeting,
+        ports: &[u16],
+        extra: &[&str],
+        before: impl FnOnce(&Lab),
+    ) -> Self {
+        let lab = Lab::new().expect("building the namespace lab");
+        before(&lab);
+        let servers = ports
+            .iter()
+            .map(|&p| {
+                TestServer::start(&lab.server, p, greeting).expect("starting the test server")
+            })
+            .collect();
+        let mut args = vec!["--iface", SERVER_IF];
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start(&lab.server, &args).expect("starting spamdelay");
+        Scenario {
+            lab,
+            daemon,
+            _servers: servers,
+        }
+    }
+
+    /// Runs a client from lab address `i` against `port` and returns the
+    /// client's socket address as spamdelay logs it.
+    pub fn client(
+        &self,
+        i: u8,
+        v6: bool,
+        port: u16,
+        f: impl FnOnce(IpAddr, SocketAddr) -> anyhow::Result<u16> + Send + 'static,
+    ) -> SocketAddr {
+        let src = Lab::client_addr(i, v6);
+        let dst = SocketAddr::new(Lab::server_addr(v6), port);
+        let cport = self
+            .lab
+            .client
+            .run(move || f(src, dst))
+            .expect("entering the client namespace")
+            .expect("client");
+        SocketAddr::new(src, cport)
+    }
+
+    pub fn verdict(&self, client: SocketAddr) -> String {
+        self.daemon
+            .verdict_for(client, VERDICT_WAIT)
+            .unwrap_or_else(|| panic!("no verdict for {client}; log: {:#?}", self.daemon.lines()))
+    }
+
+    pub fn no_verdict(&self, client: SocketAddr) {
+        let got = self.daemon.verdict_for(client, QUIET_WAIT);
+        assert!(got.is_none(), "unexpected verdict for {client}: {got:?}");
+    }
+
+    /// Stops the daemon (SIGTERM must exit 0) and returns its log.
+    pub fn stop(self) -> Vec<String> {
+        let (status, lines) = self.daemon.stop().expect("stopping spamdelay");
+        assert!(
+            status.success(),
+            "spamdelay exited with {status}: {lines:#?}"
+        );
+        lines
+    }
+}

@@ -10,6 +10,7 @@ use crate::{allow::Cidr, nft::Action};
 
 #[derive(Parser, Debug)]
 #[command(
+    args_override_self = true,
     name = "spamdelay",
     version,
     about = "Catch SMTP early talkers in the kernel and ban them in the firewall"
@@ -24,6 +25,11 @@ pub struct Cli {
     )]
     pub state_dir: PathBuf,
 
+    /// Settings for `run` (TOML, its flags as keys); /etc/spamdelay/spamdelay.toml
+    /// is read when it exists. The command line wins over the file.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -31,6 +37,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Attach to interfaces, report every SMTP client's verdict, ban early talkers.
+    #[command(args_override_self = true)]
     Run(RunArgs),
     /// Show the bans in force: address, time left, offences, reason.
     List {

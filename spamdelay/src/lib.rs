@@ -5,6 +5,7 @@ pub mod admin;
 pub mod allow;
 pub mod bans;
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod enforcer;
 pub mod events;

@@ -7,10 +7,18 @@ use spamdelay::{
     admin,
     bans::Store,
     cli::{Cli, Command},
+    config,
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match config::expand(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("spamdelay: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     init_logging();
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

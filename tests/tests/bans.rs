@@ -401,3 +401,36 @@ fn admin_commands_work_without_the_daemon() {
     );
     assert!(elements(&lab.server, V6).is_empty());
 }
+
+#[test]
+fn config_file_settings_apply_and_the_command_line_wins() {
+    if !privileged("config_file_settings_apply_and_the_command_line_wins") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a directory");
+    let file = dir.path().join("spamdelay.toml");
+    std::fs::write(
+        &file,
+        "ban-time = \"2s\"\nipv6-prefix = 64\nallow = [\"198.51.100.13\"]\n",
+    )
+    .expect("config file");
+    let file = file.to_str().expect("utf-8 path");
+    let s = Scenario::new(
+        Greeting::pause(1500),
+        &["--config", file, "--ipv6-prefix", "128"],
+    );
+    s.client(0, false, 25, smtp::blind);
+    assert!(
+        wait_ban(&s, &Lab::client_v4(0).to_string()).contains(" for 2s "),
+        "ban-time from the file"
+    );
+    s.client(1, true, 25, smtp::blind);
+    wait_ban(&s, &Lab::client_v6(1).to_string());
+    assert!(
+        element(&s.lab.server, V6, &Lab::client_v6(1).to_string()).is_some(),
+        "/128 from the command line"
+    );
+    let quiet = s.client(3, false, 25, smtp::blind);
+    s.no_verdict(quiet);
+    s.stop();
+}

@@ -85,9 +85,40 @@ impl Register {
         self.bans.iter().filter(move |(_, b)| b.active(now))
     }
 
+    /// The prefix lengths in use, per family: all `covering_in` looks up.
+    pub fn lengths(&self) -> Lengths {
+        let mut l = Lengths::default();
+        for c in self.bans.keys() {
+            let v = if c.is_ipv4() { &mut l.v4 } else { &mut l.v6 };
+            if !v.contains(&c.prefix_len()) {
+                v.push(c.prefix_len());
+            }
+        }
+        l
+    }
+
     /// The active ban covering `cidr`, if any (itself or a wider network).
     pub fn covering(&self, cidr: &Cidr, now: u64) -> Option<(&Cidr, &Ban)> {
-        self.active(now).find(|(c, _)| c.covers(cidr))
+        self.covering_in(&self.lengths(), cidr, now)
+    }
+
+    /// `covering` with the lengths computed once for a whole batch: one map
+    /// lookup per prefix length in use, not a scan of every ban.
+    pub fn covering_in(&self, lengths: &Lengths, cidr: &Cidr, now: u64) -> Option<(&Cidr, &Ban)> {
+        let family = if cidr.is_ipv4() {
+            &lengths.v4
+        } else {
+            &lengths.v6
+        };
+        family
+            .iter()
+            .filter(|&&len| len <= cidr.prefix_len())
+            .find_map(|&len| {
+                let wider = Cidr::around(cidr.addr(), len);
+                self.bans
+                    .get_key_value(&wider)
+                    .filter(|(_, b)| b.active(now))
+            })
     }
 
     /// Drops entries neither banned nor remembered any more.
@@ -95,6 +126,13 @@ impl Register {
         self.bans
             .retain(|_, b| b.active(now) || b.remember_until > now);
     }
+}
+
+/// Prefix lengths present in a register, per family.
+#[derive(Clone, Debug, Default)]
+pub struct Lengths {
+    v4: Vec<u8>,
+    v6: Vec<u8>,
 }
 
 /// The state directory and its lock.

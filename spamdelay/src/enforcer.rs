@@ -126,8 +126,9 @@ impl Enforcer {
         let (mut locked, _) = self.store.lock()?;
         let now = bans::now();
         let mut planned = Vec::new();
+        let lengths = locked.register.lengths();
         for o in offences {
-            if let Some((by, _)) = locked.register.covering(&o.cidr, now) {
+            if let Some((by, _)) = locked.register.covering_in(&lengths, &o.cidr, now) {
                 info!("{} already banned as {}", show(&o.cidr), show(by));
                 continue;
             }

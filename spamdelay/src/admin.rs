@@ -65,6 +65,7 @@ pub fn list(store: &Store, json: bool) -> Result<()> {
 }
 
 pub async fn ban(store: &Store, cidr: Cidr, time: Duration, reason: &str) -> Result<()> {
+    crate::privilege::check_nft()?;
     let (mut locked, _) = store.lock()?;
     let now = bans::now();
     if let Some((by, b)) = locked.register.covering(&cidr, now)
@@ -115,6 +116,7 @@ pub async fn ban(store: &Store, cidr: Cidr, time: Duration, reason: &str) -> Res
 }
 
 pub async fn unban(store: &Store, cidr: Cidr) -> Result<()> {
+    crate::privilege::check_nft()?;
     let (mut locked, _) = store.lock()?;
     let now = bans::now();
     let lifted: Vec<Cidr> = locked

@@ -36,3 +36,15 @@ fn effective_caps() -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
 }
+
+const CAP_NET_ADMIN: u32 = 12;
+
+/// Err unless the process may change nftables (`ban`, `unban`).
+pub fn check_nft() -> anyhow::Result<()> {
+    if effective_caps().unwrap_or(0) & (1u64 << CAP_NET_ADMIN) != 0 {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "not enough privilege (missing CAP_NET_ADMIN): run as root, or grant CAP_NET_ADMIN to manage table inet spamdelay"
+    )
+}

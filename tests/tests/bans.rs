@@ -434,3 +434,39 @@ fn config_file_settings_apply_and_the_command_line_wins() {
     s.no_verdict(quiet);
     s.stop();
 }
+
+#[test]
+fn quitters_are_banned_only_on_request() {
+    if !privileged("quitters_are_banned_only_on_request") {
+        return;
+    }
+    let hang_up = |src, dst| smtp::hang_up(src, dst, Duration::from_millis(200));
+    let s = Scenario::new(Greeting::pause(3000), &[]);
+    let quitter = s.client(0, false, 25, hang_up);
+    assert!(s.verdict(quitter).starts_with("QUIT"));
+    sleep(Duration::from_millis(300));
+    assert!(
+        elements(&s.lab.server, V4).is_empty(),
+        "a QUIT alone is not banned"
+    );
+    s.stop();
+
+    let s = Scenario::new(
+        Greeting::pause(3000),
+        &["--ban-quitters", "--action", "drop"],
+    );
+    s.client(0, false, 25, hang_up);
+    let line = wait_ban(&s, &Lab::client_v4(0).to_string());
+    assert!(line.ends_with("(offence 1): quit after 0.20s"), "{line}");
+    let table = nft::nft(
+        &s.lab.server,
+        &["list", "chain", "inet", "spamdelay", "input"],
+    )
+    .expect("the chain");
+    assert!(
+        table.contains("counter packets") && table.contains(" drop"),
+        "--action drop: {table}"
+    );
+    assert!(!table.contains("reject"), "{table}");
+    s.stop();
+}

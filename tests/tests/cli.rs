@@ -121,3 +121,70 @@ fn missing_nft_is_explained() {
         );
     }
 }
+
+#[test]
+fn an_address_that_is_not_an_address_is_refused() {
+    for bad in ["ban", "unban"] {
+        let line = error_line(&spamdelay(&[bad, "mail.example.com"]));
+        assert!(line.contains("bad CIDR 'mail.example.com'"), "{line}");
+    }
+    let line = error_line(&spamdelay(&["ban", "198.51.100.7", "--time", "soon"]));
+    assert!(line.contains("bad duration 'soon'"), "{line}");
+}
+
+#[test]
+fn corrupt_state_file_is_kept_aside_and_reported() {
+    let dir = tempfile::tempdir().expect("a state directory");
+    std::fs::write(dir.path().join("bans.json"), b"{ this is not json").expect("a corrupt file");
+    let out = spamdelay(&["--state-dir", dir.path().to_str().expect("utf-8"), "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: state file "), "{stderr}");
+    assert!(stderr.contains("bans.json is corrupt ("), "{stderr}");
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("listing the state directory")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("bans.json.corrupt-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "kept aside");
+    assert_eq!(
+        std::fs::read(aside[0].path()).expect("the kept file"),
+        b"{ this is not json"
+    );
+    assert!(out.status.success(), "list goes on with an empty register");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "no bans in force"
+    );
+}
+
+#[test]
+fn admin_commands_without_privilege_say_how_to_get_it() {
+    if !nix::unistd::geteuid().is_root() {
+        let line = error_line(&spamdelay(&["ban", "198.51.100.7"]));
+        assert!(line.contains("not enough privilege"), "{line}");
+        return;
+    }
+    for args in [["ban", "198.51.100.7"], ["unban", "198.51.100.7"]] {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(binary())
+            .args(["--state-dir", "/nonexistent/spamdelay"])
+            .args(args)
+            .output()
+            .expect("running setpriv (util-linux)");
+        let line = error_line(&out);
+        assert_eq!(
+            line,
+            "spamdelay: error: not enough privilege (missing CAP_NET_ADMIN): run as root, or grant CAP_NET_ADMIN to manage table inet spamdelay"
+        );
+    }
+}

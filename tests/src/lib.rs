@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod flood;
 pub mod lab;
+pub mod mta;
 pub mod nft;
 pub mod packet;
 pub mod raw;

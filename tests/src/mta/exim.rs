@@ -1,0 +1,1 @@
+//! exim fixture (being written).

@@ -1,0 +1,1 @@
+//! postfix fixture (being written).

@@ -1,0 +1,1 @@
+//! sendmail fixture (being written).

@@ -10,8 +10,12 @@ pub enum Verdict {
     EarlyTalk = 1,
     /// The client closed (FIN or RST) before the greeting, having sent nothing.
     Quit = 2,
-    /// The greeting completed and the client had stayed silent.
+    /// The greeting completed and the client had stayed silent (but for one
+    /// PIPECONNECT `EHLO`, where the MTA advertises it).
     Pass = 3,
+    /// A single `EHLO` line ahead of the greeting, allowed because the MTA
+    /// advertises PIPECONNECT; the flow stays followed.
+    EarlyEhlo = 4,
 }
 
 impl Verdict {
@@ -20,6 +24,7 @@ impl Verdict {
             1 => Some(Self::EarlyTalk),
             2 => Some(Self::Quit),
             3 => Some(Self::Pass),
+            4 => Some(Self::EarlyEhlo),
             _ => None,
         }
     }

@@ -53,6 +53,9 @@ pub const STATE_GREETING: u8 = 2;
 /// Verdict given (or client allowlisted): nothing more to follow until close.
 pub const STATE_DONE: u8 = 3;
 
+/// The client sent its one PIPECONNECT `EHLO` line ahead of the greeting.
+pub const FLAG_EARLY_EHLO: u8 = 1;
+
 /// Per-flow state in the kernel's LRU flow table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -66,7 +69,8 @@ pub struct Flow {
     /// The next server stream byte the greeting scanner expects.
     pub server_next: u32,
     pub state: u8,
-    pub _pad: u8,
+    /// `FLAG_*` bits.
+    pub flags: u8,
     pub scanner: crate::GreetingScanner,
 }
 

@@ -24,9 +24,11 @@ pub enum Stat {
     LostSync,
     /// Flows the server closed before its greeting completed.
     ServerClosed,
+    /// PIPECONNECT `EHLO` lines let through ahead of the greeting.
+    EarlyEhlo,
 }
 
-pub const STAT_COUNT: u32 = Stat::ServerClosed as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::EarlyEhlo as u32 + 1;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -41,6 +43,7 @@ impl Stat {
         Stat::FlowInsertFailed,
         Stat::LostSync,
         Stat::ServerClosed,
+        Stat::EarlyEhlo,
     ];
 
     /// The counter's name in `status` output and logs.
@@ -57,6 +60,7 @@ impl Stat {
             Stat::FlowInsertFailed => "flow_insert_failed",
             Stat::LostSync => "lost_sync",
             Stat::ServerClosed => "server_closed",
+            Stat::EarlyEhlo => "early_ehlo",
         }
     }
 }

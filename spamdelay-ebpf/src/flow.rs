@@ -4,12 +4,13 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use spamdelay_common::{
     Event, FAMILY_V4, Flow, FlowKey, PAYLOAD_CAPTURE, Stat, Verdict,
-    flow::{STATE_DONE, STATE_GREETING, STATE_HANDSHAKE},
+    flow::{FLAG_EARLY_EHLO, STATE_DONE, STATE_GREETING, STATE_HANDSHAKE},
 };
 
 use crate::{
+    greeting::is_one_ehlo_line,
     greeting::{Scan, scan_greeting},
-    maps::{ALLOW_V4, ALLOW_V6, EVENTS, FLOWS, count},
+    maps::{ALLOW_V4, ALLOW_V6, EVENTS, FLOWS, count, pipeconnect},
     parse::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -87,7 +88,7 @@ fn syn_ack(key: &FlowKey, seg: &Segment) {
         client_next: seg.ack,
         server_next: seg.seq.wrapping_add(1),
         state,
-        _pad: 0,
+        flags: 0,
         scanner: Default::default(),
     };
     if FLOWS.insert(key, &flow, 0).is_err() {
@@ -152,9 +153,20 @@ pub fn from_client(ctx: &TcContext, seg: &Segment) {
             return;
         }
         if seg.payload_len > 0 && !seg.has(TCP_RST) {
-            emit(&key, flow, Verdict::EarlyTalk, Some((ctx, seg)));
-            flow.state = STATE_DONE;
-        } else if closing {
+            let first_bytes = seg.seq == flow.client_next && flow.flags & FLAG_EARLY_EHLO == 0;
+            if pipeconnect() && first_bytes && is_one_ehlo_line(ctx, seg) {
+                // Exim's PIPECONNECT: the EHLO may go ahead of the banner.
+                // Later client bytes are measured from its end, so its
+                // retransmission is never taken for more talk.
+                flow.flags |= FLAG_EARLY_EHLO;
+                flow.client_next = seg.seq.wrapping_add(seg.payload_len);
+                emit(&key, flow, Verdict::EarlyEhlo, Some((ctx, seg)));
+            } else {
+                emit(&key, flow, Verdict::EarlyTalk, Some((ctx, seg)));
+                flow.state = STATE_DONE;
+            }
+        }
+        if flow.state == STATE_GREETING && closing {
             emit(&key, flow, Verdict::Quit, None);
             flow.state = STATE_DONE;
         }
@@ -172,6 +184,7 @@ fn emit(key: &FlowKey, flow: &Flow, verdict: Verdict, payload: Option<(&TcContex
         Verdict::EarlyTalk => Stat::EarlyTalk,
         Verdict::Quit => Stat::Quit,
         Verdict::Pass => Stat::Pass,
+        Verdict::EarlyEhlo => Stat::EarlyEhlo,
     });
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(Stat::RingbufFull);

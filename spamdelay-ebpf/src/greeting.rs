@@ -125,3 +125,70 @@ pub fn capture(ctx: &TcContext, seg: &Segment, out: &mut [u8; PAYLOAD_CAPTURE]) 
     }
     n
 }
+
+/// Longest EHLO line believed (RFC 5321's command line limit).
+const MAX_EHLO: u32 = 512;
+
+struct NewlineLoop {
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    start: u32,
+    found: u8,
+}
+
+extern "C" fn find_newline(index: u64, data: *mut c_void) -> i64 {
+    let state = unsafe { &mut *(data as *mut NewlineLoop) };
+    let mut byte = 0u8;
+    let off = state.start.wrapping_add(index as u32);
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            state.skb as *const c_void,
+            off,
+            (&mut byte as *mut u8).cast(),
+            1,
+        )
+    };
+    if ret != 0 || byte == b'\n' {
+        state.found = 1;
+        return 1;
+    }
+    0
+}
+
+/// Is the segment's payload exactly one `EHLO ...` line ending in CRLF?
+#[inline(always)]
+pub fn is_one_ehlo_line(ctx: &TcContext, seg: &Segment) -> bool {
+    let len = seg.payload_len;
+    if !(7..=MAX_EHLO).contains(&len) {
+        return false;
+    }
+    let Ok(verb) = ctx.load::<[u8; 5]>(seg.payload_off) else {
+        return false;
+    };
+    if verb[0] | 0x20 != b'e'
+        || verb[1] | 0x20 != b'h'
+        || verb[2] | 0x20 != b'l'
+        || verb[3] | 0x20 != b'o'
+        || verb[4] != b' '
+    {
+        return false;
+    }
+    let end = seg.payload_off + len as usize - 2;
+    if ctx.load::<[u8; 2]>(end).ok() != Some([b'\r', b'\n']) {
+        return false;
+    }
+    // No other line before that CRLF.
+    let mut state = NewlineLoop {
+        skb: ctx.skb.skb,
+        start: seg.payload_off as u32,
+        found: 0,
+    };
+    let ret = unsafe {
+        bpf_loop(
+            len - 1,
+            find_newline as *mut c_void,
+            (&mut state as *mut NewlineLoop).cast(),
+            0,
+        )
+    };
+    ret >= 0 && state.found == 0
+}

@@ -11,6 +11,16 @@ use spamdelay_common::{Flow, FlowKey, MAX_PORTS, Stat, stats::STAT_COUNT};
 #[unsafe(no_mangle)]
 pub static PORTS: [u16; MAX_PORTS] = [25; MAX_PORTS];
 
+/// Non-zero when the MTA advertises PIPECONNECT: one `EHLO` line ahead of
+/// the greeting is then allowed. Set by the loader.
+#[unsafe(no_mangle)]
+pub static PIPECONNECT: u8 = 0;
+
+#[inline(always)]
+pub fn pipeconnect() -> bool {
+    unsafe { core::ptr::read_volatile(&PIPECONNECT) != 0 }
+}
+
 /// Flows between the server's SYN-ACK and their close.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65536, 0);

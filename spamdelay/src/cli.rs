@@ -6,7 +6,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{allow::Cidr, nft::Action};
+use crate::{allow::Cidr, mta::MtaKind, nft::Action};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -82,6 +82,20 @@ pub fn duration(s: &str) -> Result<Duration, String> {
         })
 }
 
+/// `--greet-pause`: read from the MTA, or given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseSetting {
+    Auto,
+    Fixed(Duration),
+}
+
+fn pause_setting(s: &str) -> Result<PauseSetting, String> {
+    if s == "auto" {
+        return Ok(PauseSetting::Auto);
+    }
+    duration(s).map(PauseSetting::Fixed)
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Interface whose inbound SMTP flows are watched (repeat for several).
@@ -136,6 +150,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 65536,
           value_parser = clap::value_parser!(u32).range(1024..))]
     pub set_size: u32,
+
+    /// The MTA whose greet pause and PIPECONNECT setting spamdelay follows.
+    #[arg(long, value_enum, default_value_t = MtaKind::Auto)]
+    pub mta: MtaKind,
+
+    /// Its configuration: Postfix's config directory, Exim's config file,
+    /// or sendmail.cf (default: where Debian puts them).
+    #[arg(long, value_name = "PATH")]
+    pub mta_config: Option<PathBuf>,
+
+    /// The MTA's greet pause, or `auto` to read it from the MTA's configuration.
+    #[arg(long, value_name = "DURATION|auto", default_value = "auto", value_parser = pause_setting)]
+    pub greet_pause: PauseSetting,
 
     /// Flows followed at once; the oldest are forgotten beyond this.
     #[arg(long, value_name = "N", default_value_t = 65536,

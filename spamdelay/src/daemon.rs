@@ -16,10 +16,11 @@ use tokio::{
 use crate::{
     allow,
     bans::{self, Store, TableSettings},
-    cli::RunArgs,
+    cli::{PauseSetting, RunArgs},
     enforcer::Enforcer,
     events, loader,
     metrics::{self, Attachment, Status},
+    mta,
     policy::Policy,
     privilege,
 };
@@ -33,7 +34,39 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     let allowlist = allow::effective(&args.allow).context("listing this host's addresses")?;
     let store = Store::new(&state_dir);
 
-    let mut ebpf = loader::load(&args.ports, args.max_flows)?;
+    let mta = mta::detect(args.mta, args.mta_config.as_deref())
+        .context("reading the MTA's configuration")?;
+    let greet_pause = match args.greet_pause {
+        PauseSetting::Fixed(p) => Some(p),
+        PauseSetting::Auto => mta.as_ref().and_then(|m| m.greet_pause),
+    };
+    match &mta {
+        Some(m) => info!("{m}"),
+        None if args.mta == mta::MtaKind::None => info!("MTA settings not read (--mta none)"),
+        None => info!(
+            "no MTA configuration found (/etc/postfix/main.cf, /etc/exim4/exim4.conf, /etc/mail/sendmail.cf): use --mta and --mta-config"
+        ),
+    }
+    if let PauseSetting::Fixed(p) = args.greet_pause {
+        info!(
+            "greet pause {} (--greet-pause)",
+            humantime::format_duration(p)
+        );
+    }
+    if greet_pause.is_none() {
+        let how = mta
+            .as_ref()
+            .map_or("configure your MTA's greet pause", |m| m.how_to_pause);
+        warn!(
+            "no greet pause: spamdelay still catches blind senders that talk at once, but not those that wait a moment before talking, and QUIT verdicts cannot be weighed; to add one: {how}"
+        );
+    }
+    let pipeconnect = mta.as_ref().is_some_and(|m| m.pipeconnect);
+    let mut ebpf = loader::load(&loader::KernelConfig {
+        ports: args.ports.clone(),
+        max_flows: args.max_flows,
+        pipeconnect,
+    })?;
     loader::fill_allowlist(&mut ebpf, &allowlist)?;
     let ring = loader::take_events(&mut ebpf)?;
     let stats = Arc::new(loader::take_stats(&mut ebpf)?);
@@ -46,6 +79,7 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
             ban_quitters: args.ban_quitters,
             ipv6_prefix: args.ipv6_prefix,
             remember: args.remember,
+            greet_pause,
         },
         table: TableSettings {
             ports: args.ports.clone(),

@@ -94,7 +94,10 @@ impl Enforcer {
             tokio::select! {
                 first = reports.recv() => {
                     let Some(first) = first else { return };
-                    let batch = collect_batch(first, &mut reports).await;
+                    let mut batch = collect_batch(first, &mut reports).await;
+                    for r in &mut batch {
+                        r.pause = self.policy.greet_pause;
+                    }
                     if let Err(e) = self.punish(&batch).await {
                         error!("applying {} verdicts: {e:#}", batch.len());
                     }

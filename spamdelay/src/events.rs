@@ -13,6 +13,8 @@ use tokio::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report {
     pub verdict: Verdict,
+    /// The MTA's greet pause, when known: QUIT lines and bans weigh by it.
+    pub pause: Option<Duration>,
     pub client: SocketAddr,
     pub server: SocketAddr,
     /// From the handshake's completion to the verdict.
@@ -28,6 +30,7 @@ impl Report {
         let captured = usize::from(ev.captured).min(ev.payload.len());
         Some(Report {
             verdict: Verdict::from_u8(ev.verdict)?,
+            pause: None,
             client: ev.key.client_addr(),
             server: ev.key.server_addr(),
             after: Duration::from_nanos(ev.since_handshake_ns),
@@ -42,6 +45,7 @@ impl Report {
             Verdict::EarlyTalk => "EARLY-TALK",
             Verdict::Quit => "QUIT",
             Verdict::Pass => "PASS",
+            Verdict::EarlyEhlo => "PIPECONNECT",
         }
     }
 }
@@ -72,8 +76,20 @@ impl fmt::Display for Report {
                 }
                 Ok(())
             }
-            Verdict::Quit => write!(f, "QUIT after {after:.3}s from {from} to {to}"),
+            Verdict::Quit => match self.pause {
+                Some(p) => write!(
+                    f,
+                    "QUIT after {after:.3}s of a {} greet pause from {from} to {to}",
+                    humantime::format_duration(p)
+                ),
+                None => write!(f, "QUIT after {after:.3}s from {from} to {to}"),
+            },
             Verdict::Pass => write!(f, "PASS after {after:.3}s from {from} to {to}"),
+            Verdict::EarlyEhlo => write!(
+                f,
+                "PIPECONNECT EHLO ahead of the greeting after {after:.3}s from {from} to {to}: {}",
+                escape(&self.payload)
+            ),
         }
     }
 }
@@ -142,6 +158,7 @@ mod tests {
     fn log_line_is_postscreen_like() {
         let r = Report {
             verdict: Verdict::EarlyTalk,
+            pause: None,
             client: "198.51.100.11:40123".parse().unwrap(),
             server: "192.0.2.25:25".parse().unwrap(),
             after: Duration::from_millis(213),
@@ -162,6 +179,14 @@ mod tests {
         assert_eq!(
             q.to_string(),
             "QUIT after 0.213s from [2001:db8::10]:5000 to [192.0.2.25]:25"
+        );
+        let q = Report {
+            pause: Some(Duration::from_secs(6)),
+            ..q
+        };
+        assert_eq!(
+            q.to_string(),
+            "QUIT after 0.213s of a 6s greet pause from [2001:db8::10]:5000 to [192.0.2.25]:25"
         );
     }
 }

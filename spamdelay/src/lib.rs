@@ -11,6 +11,7 @@ pub mod enforcer;
 pub mod events;
 pub mod loader;
 pub mod metrics;
+pub mod mta;
 pub mod nft;
 pub mod policy;
 pub mod privilege;

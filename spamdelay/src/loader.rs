@@ -44,9 +44,30 @@ impl fmt::Display for AttachMode {
     }
 }
 
-/// Loads the object with `ports` watched and room for `max_flows` flows; the
-/// programs are loaded (verified) but not attached.
-pub fn load(ports: &[u16], max_flows: u32) -> Result<Ebpf> {
+/// What the kernel program is loaded with.
+#[derive(Clone, Debug)]
+pub struct KernelConfig {
+    pub ports: Vec<u16>,
+    pub max_flows: u32,
+    /// The MTA advertises PIPECONNECT: one early `EHLO` line is allowed.
+    pub pipeconnect: bool,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig {
+            ports: vec![25],
+            max_flows: 65536,
+            pipeconnect: false,
+        }
+    }
+}
+
+/// Loads the object configured by `config`; the programs are loaded
+/// (verified) but not attached.
+pub fn load(config: &KernelConfig) -> Result<Ebpf> {
+    let ports = &config.ports;
+    let max_flows = config.max_flows;
     check_ports(ports)?;
     let first = ports.first().copied().unwrap_or(25);
     // Unused slots repeat the first port, so they can never match anything else.
@@ -54,6 +75,7 @@ pub fn load(ports: &[u16], max_flows: u32) -> Result<Ebpf> {
     slots[..ports.len()].copy_from_slice(ports);
     let mut ebpf = EbpfLoader::new()
         .override_global("PORTS", &slots, true)
+        .override_global("PIPECONNECT", &u8::from(config.pipeconnect), true)
         .map_max_entries("FLOWS", max_flows)
         .load(OBJECT)
         .map_err(|e| {

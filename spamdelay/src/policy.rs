@@ -23,6 +23,9 @@ pub struct Policy {
     pub ipv6_prefix: u8,
     /// How long offences are remembered after the ban ends.
     pub remember: Duration,
+    /// The MTA's greet pause, when known: only quitters that gave up before
+    /// it ended are banned.
+    pub greet_pause: Option<Duration>,
 }
 
 /// An offence: the network to ban and why.
@@ -56,10 +59,17 @@ impl Policy {
                 }
                 reason
             }
-            Verdict::Quit if self.ban_quitters => {
-                format!("quit after {:.2}s", r.after.as_secs_f64())
+            Verdict::Quit if self.ban_quitters && self.greet_pause.is_none_or(|p| r.after < p) => {
+                match self.greet_pause {
+                    Some(p) => format!(
+                        "quit after {:.2}s of a {} greet pause",
+                        r.after.as_secs_f64(),
+                        humantime::format_duration(p)
+                    ),
+                    None => format!("quit after {:.2}s", r.after.as_secs_f64()),
+                }
             }
-            Verdict::Quit | Verdict::Pass => return None,
+            Verdict::Quit | Verdict::Pass | Verdict::EarlyEhlo => return None,
         };
         Some(Offence {
             cidr: self.network(r.client.ip()),
@@ -113,12 +123,14 @@ mod tests {
             ban_quitters: false,
             ipv6_prefix: 128,
             remember: Duration::from_secs(7 * 86400),
+            greet_pause: None,
         }
     }
 
     fn report(verdict: Verdict, client: &str) -> Report {
         Report {
             verdict,
+            pause: None,
             client: client.parse().unwrap(),
             server: "192.0.2.25:25".parse().unwrap(),
             after: Duration::from_millis(213),
@@ -157,6 +169,32 @@ mod tests {
                 .unwrap()
                 .reason,
             "quit after 0.21s"
+        );
+        let paused = Policy {
+            greet_pause: Some(Duration::from_secs(6)),
+            ..p.clone()
+        };
+        assert_eq!(
+            paused
+                .offence(&report(Verdict::Quit, "198.51.100.7:1"))
+                .unwrap()
+                .reason,
+            "quit after 0.21s of a 6s greet pause"
+        );
+        let short = Policy {
+            greet_pause: Some(Duration::from_millis(100)),
+            ..p
+        };
+        assert!(
+            short
+                .offence(&report(Verdict::Quit, "198.51.100.7:1"))
+                .is_none(),
+            "waited out the pause"
+        );
+        assert!(
+            paused
+                .offence(&report(Verdict::EarlyEhlo, "198.51.100.7:1"))
+                .is_none()
         );
     }
 

@@ -12,14 +12,16 @@ fn spamdelay(args: &[&str]) -> Output {
         .expect("running the spamdelay binary")
 }
 
-/// The first stderr line, after asserting the run failed.
+/// The error line (or else the first stderr line), after asserting the run failed.
 fn error_line(out: &Output) -> String {
     assert!(!out.status.success(), "expected failure: {out:?}");
-    String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let line = lines
+        .iter()
+        .find(|l| l.starts_with("spamdelay: error:"))
+        .or(lines.first());
+    line.map(|l| l.to_string()).unwrap_or_default()
 }
 
 #[test]

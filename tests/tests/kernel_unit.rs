@@ -34,7 +34,19 @@ struct Kernel {
 
 impl Kernel {
     fn load() -> Self {
-        let mut ebpf = loader::load(&[25], 65536).expect("loading the kernel object");
+        Self::load_with(loader::KernelConfig::default())
+    }
+
+    /// The object as loaded for an MTA that advertises PIPECONNECT.
+    fn load_pipeconnect() -> Self {
+        Self::load_with(loader::KernelConfig {
+            pipeconnect: true,
+            ..Default::default()
+        })
+    }
+
+    fn load_with(config: loader::KernelConfig) -> Self {
+        let mut ebpf = loader::load(&config).expect("loading the kernel object");
         let events = loader::take_events(&mut ebpf).expect("taking the ring buffer");
         Kernel { ebpf, events }
     }
@@ -757,4 +769,74 @@ fn ipv6_truncated_extension_header_is_ignored() {
     // The frame ends inside the options header.
     let frame = seg.frame();
     assert_ignored_then_flag(&mut k, &conv, &frame[..ETH_HLEN + IPV6_HLEN + 1]);
+}
+
+// PIPECONNECT: one EHLO line may go ahead of the banner where the MTA says so.
+
+const EARLY_EHLO: &[u8] = b"EHLO client.example\r\n";
+
+#[test]
+fn one_early_ehlo_line_is_allowed_with_pipeconnect() {
+    if !privileged("one_early_ehlo_line_is_allowed_with_pipeconnect") {
+        return;
+    }
+    let mut k = Kernel::load_pipeconnect();
+    let conv = Conversation::v4("198.51.100.40:40100");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(0, EARLY_EHLO));
+    let r = k.expect(&conv, Verdict::EarlyEhlo);
+    assert_eq!(r.payload, EARLY_EHLO);
+    // Its retransmission is not more talk.
+    k.client_sends(&conv.client_data(0, EARLY_EHLO));
+    k.expect_none("a retransmitted early EHLO");
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect(&conv, Verdict::Pass);
+    assert_eq!(k.stat(Stat::EarlyEhlo), 1);
+    assert_eq!(k.stat(Stat::EarlyTalk), 0);
+}
+
+#[test]
+fn more_than_one_early_ehlo_line_is_early_talk_even_with_pipeconnect() {
+    if !privileged("more_than_one_early_ehlo_line_is_early_talk_even_with_pipeconnect") {
+        return;
+    }
+    let mut k = Kernel::load_pipeconnect();
+    // EHLO and MAIL in one segment.
+    let both = b"EHLO client.example\r\nMAIL FROM:<a@example.com>\r\n";
+    let conv = Conversation::v4("198.51.100.41:40101");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(0, both));
+    k.expect_early_talk(&conv, both);
+    // EHLO, then MAIL before the greeting.
+    let conv = Conversation::v4("198.51.100.42:40102");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(0, EARLY_EHLO));
+    k.expect(&conv, Verdict::EarlyEhlo);
+    let mail = b"MAIL FROM:<a@example.com>\r\n";
+    k.client_sends(&conv.client_data(EARLY_EHLO.len() as u32, mail));
+    k.expect_early_talk(&conv, mail);
+    // Not an EHLO, or not a whole line.
+    for (port, payload) in [
+        (40103, &b"HELO client.example\r\n"[..]),
+        (40104, b"EHLO client.example"),
+        (40105, b"EHLO a\nb\r\n"),
+    ] {
+        let conv = Conversation::v4(&format!("198.51.100.43:{port}"));
+        conv.handshake(&k);
+        k.client_sends(&conv.client_data(0, payload));
+        k.expect_early_talk(&conv, payload);
+    }
+}
+
+#[test]
+fn early_ehlo_is_early_talk_without_pipeconnect() {
+    if !privileged("early_ehlo_is_early_talk_without_pipeconnect") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.44:40106");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(0, EARLY_EHLO));
+    k.expect_early_talk(&conv, EARLY_EHLO);
+    assert_eq!(k.stat(Stat::EarlyEhlo), 0);
 }

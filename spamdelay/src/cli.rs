@@ -6,7 +6,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{allow::Cidr, mta::MtaKind, nft::Action};
+use crate::{allow::Cidr, mta::MtaKind, nft::Action, passcache::Format as PassFormat};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -163,6 +163,23 @@ pub struct RunArgs {
     /// The MTA's greet pause, or `auto` to read it from the MTA's configuration.
     #[arg(long, value_name = "DURATION|auto", default_value = "auto", value_parser = pause_setting)]
     pub greet_pause: PauseSetting,
+
+    /// Write clients that waited for the greeting to this file, so an MTA
+    /// without a pass cache of its own can skip their pause next time.
+    #[arg(long, value_name = "FILE")]
+    pub pass_cache: Option<PathBuf>,
+
+    /// The pass cache's format.
+    #[arg(long, value_enum, default_value_t = PassFormat::Plain)]
+    pub pass_cache_format: PassFormat,
+
+    /// How long a pass is remembered.
+    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = duration)]
+    pub pass_ttl: Duration,
+
+    /// Shell command run after the pass cache is rewritten (`makemap ...`, `postmap ...`).
+    #[arg(long, value_name = "CMD")]
+    pub pass_cache_reload: Option<String>,
 
     /// Flows followed at once; the oldest are forgotten beyond this.
     #[arg(long, value_name = "N", default_value_t = 65536,

@@ -21,6 +21,7 @@ use crate::{
     events, loader,
     metrics::{self, Attachment, Status},
     mta,
+    passcache::PassCache,
     policy::Policy,
     privilege,
 };
@@ -87,8 +88,25 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
             set_size: args.set_size,
         },
         dry_run: args.dry_run,
+        pass_cache: args.pass_cache.clone().map(|file| {
+            PassCache::open(
+                file,
+                args.pass_cache_format,
+                args.pass_ttl,
+                args.pass_cache_reload.clone(),
+                &state_dir,
+            )
+        }),
     };
     enforcer.start().await?;
+    if let Some(c) = &enforcer.pass_cache {
+        info!(
+            "pass cache {} ({:?}, passes kept {})",
+            c.file.display(),
+            c.format,
+            humantime::format_duration(c.ttl)
+        );
+    }
 
     let mut attached = Vec::new();
     for iface in &args.ifaces {

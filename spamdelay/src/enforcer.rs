@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use log::{error, info, warn};
+use spamdelay_common::Verdict;
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
@@ -14,6 +15,7 @@ use crate::{
     bans::{self, Register, Store, TableSettings},
     events::Report,
     nft::{self, Change, NftError},
+    passcache::PassCache,
     policy::{Offence, Policy},
 };
 
@@ -28,6 +30,7 @@ pub struct Enforcer {
     pub policy: Policy,
     pub table: TableSettings,
     pub dry_run: bool,
+    pub pass_cache: Option<PassCache>,
 }
 
 /// `[198.51.100.7]` for an address, `[2001:db8::]/64` for a network.
@@ -87,7 +90,7 @@ impl Enforcer {
     }
 
     /// Runs until the report channel closes.
-    pub async fn run(self, mut reports: mpsc::Receiver<Report>) {
+    pub async fn run(mut self, mut reports: mpsc::Receiver<Report>) {
         let mut heal = tokio::time::interval(HEAL_EVERY);
         heal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -98,6 +101,7 @@ impl Enforcer {
                     for r in &mut batch {
                         r.pause = self.policy.greet_pause;
                     }
+                    self.remember_passes(&batch);
                     if let Err(e) = self.punish(&batch).await {
                         error!("applying {} verdicts: {e:#}", batch.len());
                     }
@@ -106,8 +110,25 @@ impl Enforcer {
                     if let Err(e) = self.heal().await {
                         error!("checking table inet spamdelay: {e:#}");
                     }
+                    if let Some(cache) = &mut self.pass_cache
+                        && let Err(e) = cache.flush(bans::now())
+                    {
+                        error!("writing the pass cache {}: {e:#}", cache.file.display());
+                    }
                 }
             }
+        }
+    }
+
+    /// Clients that waited for the greeting go to the pass cache (written on
+    /// the next tick, not per verdict).
+    fn remember_passes(&mut self, batch: &[Report]) {
+        let Some(cache) = self.pass_cache.as_mut().filter(|_| !self.dry_run) else {
+            return;
+        };
+        let now = bans::now();
+        for r in batch.iter().filter(|r| r.verdict == Verdict::Pass) {
+            cache.record(r.client.ip(), now);
         }
     }
 

@@ -13,5 +13,6 @@ pub mod loader;
 pub mod metrics;
 pub mod mta;
 pub mod nft;
+pub mod passcache;
 pub mod policy;
 pub mod privilege;

@@ -1,0 +1,201 @@
+//! The pass cache, for MTAs that keep none of their own: clients that waited
+//! politely for the greeting are written to a file the MTA reads (Sendmail's
+//! access map `GreetPause:IP 0`, a Postfix cidr table, an Exim lsearch file),
+//! so they skip the pause next time. Entries expire after `--pass-ttl`; the
+//! file is bounded, rewritten atomically, and an optional command reloads it.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    fs,
+    io::Write,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+/// Entries kept at most; the oldest passes go first.
+pub const MAX_ENTRIES: usize = 100_000;
+const STATE_FILE: &str = "pass-cache.json";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `GreetPause:198.51.100.7<TAB>0` lines for Sendmail's access map (makemap).
+    SendmailAccess,
+    /// `198.51.100.7/32 permit` lines: a cidr table for postscreen_access_list.
+    PostfixCidr,
+    /// `198.51.100.7: pass` lines for an Exim `iplsearch` host list.
+    EximLsearch,
+    /// One address per line.
+    Plain,
+}
+
+impl Format {
+    fn line(self, ip: &IpAddr) -> String {
+        match (self, ip) {
+            (Format::SendmailAccess, IpAddr::V4(a)) => format!("GreetPause:{a}\t0"),
+            (Format::SendmailAccess, IpAddr::V6(a)) => format!("GreetPause:IPv6:{a}\t0"),
+            (Format::PostfixCidr, IpAddr::V4(a)) => format!("{a}/32 permit"),
+            (Format::PostfixCidr, IpAddr::V6(a)) => format!("[{a}]/128 permit"),
+            (Format::EximLsearch, IpAddr::V4(a)) => format!("{a}: pass"),
+            // iplsearch keys with colons are written with the mask.
+            (Format::EximLsearch, IpAddr::V6(a)) => format!("{a}/128: pass"),
+            (Format::Plain, a) => a.to_string(),
+        }
+    }
+}
+
+pub struct PassCache {
+    pub file: PathBuf,
+    pub format: Format,
+    pub ttl: Duration,
+    pub reload: Option<String>,
+    state: PathBuf,
+    /// Client address to the time of its last pass (unix seconds).
+    passes: HashMap<IpAddr, u64>,
+    dirty: bool,
+}
+
+impl PassCache {
+    /// Opens the cache, with what was remembered across restarts in `state_dir`.
+    pub fn open(
+        file: PathBuf,
+        format: Format,
+        ttl: Duration,
+        reload: Option<String>,
+        state_dir: &Path,
+    ) -> Self {
+        let state = state_dir.join(STATE_FILE);
+        let passes = fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        PassCache {
+            file,
+            format,
+            ttl,
+            reload,
+            state,
+            passes,
+            dirty: true,
+        }
+    }
+
+    pub fn record(&mut self, ip: IpAddr, now: u64) {
+        self.passes.insert(ip, now);
+        self.dirty = true;
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        self.passes.contains_key(ip)
+    }
+
+    /// Drops expired passes, keeps the newest `MAX_ENTRIES`, and rewrites the
+    /// file (then runs the reload command) when anything changed.
+    pub fn flush(&mut self, now: u64) -> Result<bool> {
+        let before = self.passes.len();
+        let ttl = self.ttl.as_secs();
+        self.passes.retain(|_, t| now.saturating_sub(*t) < ttl);
+        if self.passes.len() > MAX_ENTRIES {
+            let mut by_age: Vec<(IpAddr, u64)> =
+                self.passes.iter().map(|(a, t)| (*a, *t)).collect();
+            by_age.sort_by_key(|&(_, t)| std::cmp::Reverse(t));
+            self.passes = by_age.into_iter().take(MAX_ENTRIES).collect();
+        }
+        if !self.dirty && self.passes.len() == before {
+            return Ok(false);
+        }
+        let mut sorted: Vec<&IpAddr> = self.passes.keys().collect();
+        sorted.sort();
+        let mut text = format!(
+            "# spamdelay pass cache: clients that waited for the greeting (kept {}); rewritten automatically\n",
+            humantime::format_duration(self.ttl)
+        );
+        for ip in sorted {
+            let _ = writeln!(text, "{}", self.format.line(ip));
+        }
+        atomic_write(&self.file, text.as_bytes())?;
+        atomic_write(&self.state, &serde_json::to_vec(&self.passes)?)?;
+        self.dirty = false;
+        if let Some(cmd) = &self.reload {
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .status()
+                .with_context(|| format!("running the pass cache reload command `{cmd}`"))?;
+            if !status.success() {
+                anyhow::bail!("the pass cache reload command `{cmd}` failed ({status})");
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_write_what_each_mta_reads() {
+        let v4: IpAddr = "198.51.100.7".parse().unwrap();
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        assert_eq!(
+            Format::SendmailAccess.line(&v4),
+            "GreetPause:198.51.100.7\t0"
+        );
+        assert_eq!(
+            Format::SendmailAccess.line(&v6),
+            "GreetPause:IPv6:2001:db8::7\t0"
+        );
+        assert_eq!(Format::PostfixCidr.line(&v6), "[2001:db8::7]/128 permit");
+        assert_eq!(Format::EximLsearch.line(&v4), "198.51.100.7: pass");
+        assert_eq!(Format::Plain.line(&v6), "2001:db8::7");
+    }
+
+    #[test]
+    fn expired_passes_are_dropped_and_the_file_rewritten() {
+        let dir = std::env::temp_dir().join(format!("spamdelay-pass-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pass");
+        let mut c = PassCache::open(
+            file.clone(),
+            Format::Plain,
+            Duration::from_secs(10),
+            None,
+            &dir,
+        );
+        c.record("198.51.100.1".parse().unwrap(), 100);
+        c.record("198.51.100.2".parse().unwrap(), 105);
+        assert!(c.flush(106).unwrap());
+        assert!(
+            fs::read_to_string(&file)
+                .unwrap()
+                .ends_with("198.51.100.1\n198.51.100.2\n")
+        );
+        assert!(!c.flush(107).unwrap(), "nothing changed");
+        assert!(c.flush(111).unwrap(), "the first expired");
+        assert!(
+            fs::read_to_string(&file)
+                .unwrap()
+                .ends_with("\n198.51.100.2\n")
+        );
+        let again = PassCache::open(file, Format::Plain, Duration::from_secs(10), None, &dir);
+        assert!(
+            again.contains(&"198.51.100.2".parse().unwrap()),
+            "remembered across restarts"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

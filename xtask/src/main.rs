@@ -76,7 +76,7 @@ fn xtask(cmd: Cmd) -> Result<()> {
         Cmd::Test { args } => {
             build(false)?;
             run(cargo()
-                .arg("test")
+                .args(["test", "--no-fail-fast"])
                 .args(args)
                 .env("SPAMDELAY_BIN", target_dir().join("debug/spamdelay")))
         }

@@ -12,6 +12,7 @@ use crate::{
     greeting::{Scan, scan_greeting},
     maps::{ALLOW_V4, ALLOW_V6, EVENTS, FLOWS, count, pipeconnect},
     parse::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    trace::{GiveUp, given_up},
 };
 
 /// How far past the client's first byte a segment may start and still be
@@ -37,7 +38,7 @@ pub fn from_server(ctx: &TcContext, seg: &Segment) {
     let key = key(&seg.dst, &seg.src, seg.dport, seg.sport, seg.family);
     if seg.has(TCP_SYN) {
         if seg.has(TCP_ACK) {
-            syn_ack(&key, seg);
+            syn_ack(ctx, &key, seg);
         }
         return;
     }
@@ -49,12 +50,13 @@ pub fn from_server(ctx: &TcContext, seg: &Segment) {
     if flow.state == STATE_GREETING && seg.payload_len > 0 {
         match scan_greeting(ctx, seg, flow) {
             Scan::Complete => {
-                emit(&key, flow, Verdict::Pass, None);
+                emit(ctx, &key, flow, Verdict::Pass, None);
                 flow.state = STATE_DONE;
             }
             Scan::Incomplete => {}
             Scan::LostSync => {
                 count(Stat::LostSync);
+                given_up(ctx, &key, GiveUp::LostSync);
                 flow.state = STATE_DONE;
             }
         }
@@ -69,7 +71,7 @@ pub fn from_server(ctx: &TcContext, seg: &Segment) {
 
 /// The server answers a SYN: a flow starts (or a retransmitted SYN-ACK repeats).
 #[inline(always)]
-fn syn_ack(key: &FlowKey, seg: &Segment) {
+fn syn_ack(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
     if let Some(old) = FLOWS.get_ptr(key) {
         let old = unsafe { &*old };
         if old.server_isn == seg.seq && old.state != STATE_HANDSHAKE {
@@ -93,6 +95,7 @@ fn syn_ack(key: &FlowKey, seg: &Segment) {
     };
     if FLOWS.insert(key, &flow, 0).is_err() {
         count(Stat::FlowInsertFailed);
+        given_up(ctx, key, GiveUp::TableFull);
     }
 }
 
@@ -160,14 +163,14 @@ pub fn from_client(ctx: &TcContext, seg: &Segment) {
                 // retransmission is never taken for more talk.
                 flow.flags |= FLAG_EARLY_EHLO;
                 flow.client_next = seg.seq.wrapping_add(seg.payload_len);
-                emit(&key, flow, Verdict::EarlyEhlo, Some((ctx, seg)));
+                emit(ctx, &key, flow, Verdict::EarlyEhlo, Some(seg));
             } else {
-                emit(&key, flow, Verdict::EarlyTalk, Some((ctx, seg)));
+                emit(ctx, &key, flow, Verdict::EarlyTalk, Some(seg));
                 flow.state = STATE_DONE;
             }
         }
         if flow.state == STATE_GREETING && closing {
-            emit(&key, flow, Verdict::Quit, None);
+            emit(ctx, &key, flow, Verdict::Quit, None);
             flow.state = STATE_DONE;
         }
     }
@@ -179,7 +182,7 @@ pub fn from_client(ctx: &TcContext, seg: &Segment) {
 
 /// Writes a verdict to the ring buffer, with the client's first payload bytes.
 #[inline(always)]
-fn emit(key: &FlowKey, flow: &Flow, verdict: Verdict, payload: Option<(&TcContext, &Segment)>) {
+fn emit(ctx: &TcContext, key: &FlowKey, flow: &Flow, verdict: Verdict, payload: Option<&Segment>) {
     count(match verdict {
         Verdict::EarlyTalk => Stat::EarlyTalk,
         Verdict::Quit => Stat::Quit,
@@ -188,6 +191,7 @@ fn emit(key: &FlowKey, flow: &Flow, verdict: Verdict, payload: Option<(&TcContex
     });
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(Stat::RingbufFull);
+        given_up(ctx, key, GiveUp::RingFull);
         return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -200,7 +204,7 @@ fn emit(key: &FlowKey, flow: &Flow, verdict: Verdict, payload: Option<(&TcContex
         (*ev).bytes = 0;
         (*ev).captured = 0;
         (*ev).payload = [0; PAYLOAD_CAPTURE];
-        if let Some((ctx, seg)) = payload {
+        if let Some(seg) = payload {
             (*ev).bytes = seg.payload_len;
             (*ev).captured = crate::greeting::capture(ctx, seg, &mut (*ev).payload);
         }

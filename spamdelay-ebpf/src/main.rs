@@ -8,6 +8,7 @@ mod flow;
 mod greeting;
 mod maps;
 mod parse;
+mod trace;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use parse::Dir;

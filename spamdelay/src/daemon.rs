@@ -70,6 +70,13 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     })?;
     loader::fill_allowlist(&mut ebpf, &allowlist)?;
     let ring = loader::take_events(&mut ebpf)?;
+    let kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(logger) => Some(tokio::spawn(events::forward_kernel_log(logger))),
+        Err(e) => {
+            warn!("kernel debug records unavailable: {e}");
+            None
+        }
+    };
     let stats = Arc::new(loader::take_stats(&mut ebpf)?);
 
     let enforcer = Enforcer {
@@ -178,6 +185,9 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     }
     reporting.abort();
     let _ = reporting.await;
+    if let Some(task) = kernel_log {
+        task.abort();
+    }
     if let Ok(counts) = metrics::sum(&*stats) {
         info!("stopping: {}", metrics::line(&counts));
         status.set_counters(&counts);

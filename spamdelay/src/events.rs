@@ -190,3 +190,18 @@ mod tests {
         );
     }
 }
+
+/// Forwards the kernel's debug records (aya-log) to the `log` crate, where
+/// they show at debug level (`RUST_LOG=debug`).
+pub async fn forward_kernel_log(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> std::io::Result<()> {
+    // SAFETY: as for the verdict ring buffer: the logger owns its fd.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(std::io::Error::from)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

@@ -840,3 +840,47 @@ fn early_ehlo_is_early_talk_without_pipeconnect() {
     k.expect_early_talk(&conv, EARLY_EHLO);
     assert_eq!(k.stat(Stat::EarlyEhlo), 0);
 }
+
+// Following the server's stream, and saying why when it cannot.
+
+/// Collects the kernel's debug records (aya-log) in memory.
+#[derive(Default)]
+struct Records(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Records {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn gap_in_the_servers_stream_gives_the_flow_up_with_a_debug_record() {
+    if !privileged("gap_in_the_servers_stream_gives_the_flow_up_with_a_debug_record") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let records: &'static Records = Box::leak(Box::default());
+    let mut logger = aya_log::EbpfLogger::init_with_logger(&mut k.ebpf, records as &dyn log::Log)
+        .expect("the object has debug records");
+    let conv = Conversation::v4("198.51.100.50:40200");
+    conv.handshake(&k);
+    // The first greeting segment never went by: the scanner cannot know
+    // whether what follows completes a greeting, so no verdict at all.
+    k.server_sends(&conv.server_data(10, GREETING));
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_none("a flow given up");
+    assert_eq!(k.stat(Stat::LostSync), 1);
+    logger.flush();
+    let got = records.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(
+        got,
+        ["no verdict for [198.51.100.50]:40200: server stream lost"]
+    );
+}

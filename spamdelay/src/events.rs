@@ -144,6 +144,21 @@ pub async fn forward(ring: RingBuf<MapData>, tx: mpsc::Sender<Report>) -> std::i
     }
 }
 
+/// Forwards the kernel's debug records (aya-log) to the `log` crate, where
+/// they show at debug level (`RUST_LOG=debug`).
+pub async fn forward_kernel_log(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> std::io::Result<()> {
+    // SAFETY: as for the verdict ring buffer: the logger owns its fd.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(std::io::Error::from)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,20 +203,5 @@ mod tests {
             q.to_string(),
             "QUIT after 0.213s of a 6s greet pause from [2001:db8::10]:5000 to [192.0.2.25]:25"
         );
-    }
-}
-
-/// Forwards the kernel's debug records (aya-log) to the `log` crate, where
-/// they show at debug level (`RUST_LOG=debug`).
-pub async fn forward_kernel_log(
-    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-) -> std::io::Result<()> {
-    // SAFETY: as for the verdict ring buffer: the logger owns its fd.
-    let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
-        .map_err(std::io::Error::from)?;
-    loop {
-        let mut guard = fd.readable_mut().await?;
-        guard.get_inner_mut().flush();
-        guard.clear_ready();
     }
 }

@@ -42,6 +42,17 @@ pub fn installed() -> bool {
     binary().is_file()
 }
 
+/// How the config sets `pipelining_connect_advertise_hosts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pipeconnect {
+    /// Empty: never advertised, and Exim refuses early talkers itself.
+    Off,
+    /// `*`: advertised to every client; Exim then takes early input.
+    All,
+    /// Not in the file: Exim's built-in default applies (`*` in 4.96).
+    Unset,
+}
+
 /// An Exim daemon listening on 192.0.2.25:25 and [2001:db8::25]:25 in a lab
 /// namespace. Killed (with its connection children) on drop.
 pub struct Exim {
@@ -55,6 +66,16 @@ impl Exim {
     /// seconds: Exim's `delay` modifier has no finer unit) and advertising
     /// PIPECONNECT to every client when `pipeconnect` is set.
     pub fn start(ns: &Netns, delay: Duration, pipeconnect: bool) -> Result<Self> {
+        let advertise = if pipeconnect {
+            Pipeconnect::All
+        } else {
+            Pipeconnect::Off
+        };
+        Self::start_with(ns, delay, advertise)
+    }
+
+    /// [`Exim::start`] with any PIPECONNECT setting, including none at all.
+    pub fn start_with(ns: &Netns, delay: Duration, pipeconnect: Pipeconnect) -> Result<Self> {
         if delay.subsec_nanos() != 0 {
             bail!("Exim delays in whole seconds only, not {delay:?}");
         }
@@ -79,22 +100,9 @@ impl Exim {
         let stderr =
             fs::File::create(dir.path().join("stderr")).context("creating Exim's stderr")?;
 
-        // A private mount namespace inside the network namespace, where
-        // /etc/passwd and /etc/group are the copies that know Exim's user.
-        let (passwd, group) = (dir.path().join("passwd"), dir.path().join("group"));
-        let mut cmd = private_mounts(
-            ns,
-            &[
-                (&passwd, Path::new("/etc/passwd")),
-                (&group, Path::new("/etc/group")),
-            ],
-            None,
-        );
         // -bdf: the daemon in the foreground, so our child is the daemon.
-        cmd.arg(binary())
-            .arg("-C")
-            .arg(&config)
-            .arg("-bdf")
+        let mut cmd = exim_command(ns, dir.path(), &config);
+        cmd.arg("-bdf")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -130,6 +138,25 @@ impl Exim {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// An option's value as Exim itself sees it (`exim -bP NAME`), defaults
+    /// included.
+    pub fn setting(&self, ns: &Netns, name: &str) -> Result<String> {
+        let out = exim_command(ns, self.dir.path(), &self.config)
+            .args(["-bP", name])
+            .output()
+            .context("running exim -bP")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("exim -bP {name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // `name = value`, or a bare `name` / `no_name` for booleans.
+        Ok(text
+            .trim()
+            .split_once('=')
+            .map_or(text.trim(), |(_, v)| v.trim())
+            .to_string())
     }
 
     pub fn config_file(&self) -> &Path {
@@ -182,15 +209,36 @@ impl Drop for Exim {
     }
 }
 
+/// The Exim binary with `config`, in `ns`, in a private mount namespace
+/// where /etc/passwd and /etc/group are the copies in `dir` that know Exim's
+/// user. Append the mode.
+fn exim_command(ns: &Netns, dir: &Path, config: &Path) -> Command {
+    let (passwd, group) = (dir.join("passwd"), dir.join("group"));
+    let mut cmd = private_mounts(
+        ns,
+        &[
+            (&passwd, Path::new("/etc/passwd")),
+            (&group, Path::new("/etc/group")),
+        ],
+        None,
+    );
+    cmd.arg(binary()).arg("-C").arg(config);
+    cmd
+}
+
 /// The config: our own paths everywhere, no DNS, no TLS, no ident, a
 /// connect-ACL delay, and every recipient accepted and thrown away so a test
 /// message gets its 250 without any delivery.
-fn config_text(dir: &Path, delay: Duration, pipeconnect: bool) -> String {
+fn config_text(dir: &Path, delay: Duration, pipeconnect: Pipeconnect) -> String {
     let dir = dir.display();
     let exim = binary();
     let exim = exim.display();
     let delay = delay.as_secs();
-    let pipeconnect = if pipeconnect { "*" } else { "" };
+    let pipeconnect = match pipeconnect {
+        Pipeconnect::Off => "pipelining_connect_advertise_hosts =\n",
+        Pipeconnect::All => "pipelining_connect_advertise_hosts = *\n",
+        Pipeconnect::Unset => "",
+    };
     format!(
         "\
 # spamdelay test Exim: see tests/src/mta/exim.rs.
@@ -207,8 +255,7 @@ host_lookup =
 rfc1413_hosts =
 tls_advertise_hosts =
 keep_environment =
-pipelining_connect_advertise_hosts = {pipeconnect}
-# Client ports in the log, to match spamdelay's verdicts per connection.
+{pipeconnect}# Client ports in the log, to match spamdelay's verdicts per connection.
 log_selector = +incoming_port +smtp_connection +pipelining
 acl_smtp_connect = acl_connect
 acl_smtp_rcpt = acl_rcpt
@@ -281,28 +328,27 @@ pub(crate) fn private_mounts(
     binds: &[(&Path, &Path)],
     hostname: Option<&str>,
 ) -> Command {
-    // Paths travel as arguments, never inside the script, so no quoting.
+    // Paths and the name travel as arguments, never inside the script, so
+    // nothing needs quoting.
     let mut script = String::from("set -e\n");
-    for i in 0..binds.len() {
+    let mut args: Vec<&std::ffi::OsStr> = Vec::new();
+    for (source, target) in binds {
+        args.extend([source.as_os_str(), target.as_os_str()]);
         // ${N}: a bare $10 would be $1 followed by a 0.
-        let (source, target) = (2 * i + 1, 2 * i + 2);
-        script.push_str(&format!(
-            "mount --rbind \"${{{source}}}\" \"${{{target}}}\"\n"
-        ));
+        let (s, t) = (args.len() - 1, args.len());
+        script.push_str(&format!("mount --rbind \"${{{s}}}\" \"${{{t}}}\"\n"));
     }
     if let Some(name) = hostname {
-        script.push_str(&format!("hostname {name}\n"));
+        args.push(name.as_ref());
+        script.push_str(&format!("hostname \"${{{}}}\"\n", args.len()));
     }
-    script.push_str(&format!("shift {}\nexec \"$@\"\n", 2 * binds.len()));
+    script.push_str(&format!("shift {}\nexec \"$@\"\n", args.len()));
     let mut cmd = ns.command("unshare");
     cmd.args(["--mount", "--propagation", "private"]);
     if hostname.is_some() {
         cmd.arg("--uts");
     }
-    cmd.args(["--", "sh", "-c", &script, "sh"]);
-    for (source, target) in binds {
-        cmd.arg(source).arg(target);
-    }
+    cmd.args(["--", "sh", "-c", &script, "sh"]).args(args);
     cmd
 }
 

@@ -1,0 +1,149 @@
+//! Real Sendmail (FEATURE(greet_pause)) beside spamdelay in the lab: both name
+//! the same early talkers, patient clients pass, and spamdelay reads the
+//! pause from sendmail.cf.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use spamdelay_tests::{
+    daemon::Daemon,
+    lab::{Lab, SERVER_IF},
+    mta::{
+        self,
+        sendmail::{self, Sendmail},
+    },
+    nft, privileged,
+    scenario::{QUIET_WAIT, VERDICT_WAIT},
+    smtp::{self, ClientPort},
+};
+
+const GREET_PAUSE: Duration = Duration::from_secs(2);
+/// Sendmail refuses pre-greeting traffic as soon as it sees it.
+const SENDMAIL_WAIT: Duration = Duration::from_secs(3);
+
+/// Runs a client from lab address `i`; its socket address as logged.
+fn client(
+    lab: &Lab,
+    i: u8,
+    v6: bool,
+    f: impl FnOnce(IpAddr, SocketAddr) -> anyhow::Result<ClientPort> + Send + 'static,
+) -> SocketAddr {
+    let src = Lab::client_addr(i, v6);
+    let dst = SocketAddr::new(Lab::server_addr(v6), 25);
+    let port = lab
+        .client
+        .run(move || f(src, dst))
+        .expect("entering the client namespace")
+        .expect("client");
+    SocketAddr::new(src, port)
+}
+
+fn ban_set(ip: IpAddr) -> &'static str {
+    if ip.is_ipv6() {
+        "early_talkers_v6"
+    } else {
+        "early_talkers_v4"
+    }
+}
+
+fn verdict(daemon: &Daemon, client: SocketAddr) -> String {
+    daemon
+        .verdict_for(client, VERDICT_WAIT)
+        .unwrap_or_else(|| panic!("no verdict for {client}: {:#?}", daemon.lines()))
+}
+
+#[test]
+fn sendmail_and_spamdelay_agree() {
+    if !privileged("sendmail_and_spamdelay_agree") {
+        return;
+    }
+    if !mta::available(
+        "sendmail_and_spamdelay_agree",
+        "Sendmail",
+        sendmail::installed(),
+    ) {
+        return;
+    }
+    let lab = Lab::new().expect("building the namespace lab");
+    let sendmail = Sendmail::start(&lab.server, GREET_PAUSE).expect("starting Sendmail");
+    let daemon = Daemon::start(&lab.server, &["--iface", SERVER_IF]).expect("starting spamdelay");
+
+    for v6 in [false, true] {
+        let blind = client(&lab, 1, v6, smtp::blind);
+        // Sendmail logs no client port: the lab address names the client.
+        let refused = sendmail
+            .wait_pregreet(blind.ip(), SENDMAIL_WAIT)
+            .unwrap_or_else(|| panic!("Sendmail did not refuse {blind}:\n{}", sendmail.log()));
+        assert_eq!(refused.after_secs, 0, "{refused:?}");
+        let v = verdict(&daemon, blind);
+        assert!(v.starts_with("EARLY-TALK "), "{v}");
+        let ip = blind.ip();
+        daemon
+            .wait_for(|l| l.starts_with(&format!("ban [{ip}]")), VERDICT_WAIT)
+            .unwrap_or_else(|| panic!("no ban of {ip}: {:#?}", daemon.lines()));
+        assert!(nft::element(&lab.server, ban_set(ip), &ip.to_string()).is_some());
+    }
+
+    let patient = client(&lab, 2, false, smtp::patient);
+    let v = verdict(&daemon, patient);
+    assert!(v.starts_with("PASS "), "{v}");
+    let ip = patient.ip();
+    // Sendmail served it as an ordinary client (EHLO and QUIT, no mail).
+    sendmail
+        .wait_for(
+            |l| l.contains(&format!("[{ip}] did not issue MAIL/EXPN/VRFY/ETRN")),
+            SENDMAIL_WAIT,
+        )
+        .unwrap_or_else(|| panic!("Sendmail did not serve {ip}:\n{}", sendmail.log()));
+    assert!(
+        sendmail.pregreets().iter().all(|p| p.client != ip),
+        "{}",
+        sendmail.log()
+    );
+    assert!(
+        daemon
+            .wait_for(|l| l.starts_with(&format!("ban [{ip}]")), QUIET_WAIT)
+            .is_none(),
+        "{:#?}",
+        daemon.lines()
+    );
+    assert_eq!(
+        nft::element(&lab.server, ban_set(ip), &ip.to_string()),
+        None
+    );
+}
+
+#[test]
+fn greet_pause_is_read_from_the_config() {
+    if !privileged("greet_pause_is_read_from_the_config") {
+        return;
+    }
+    if !mta::available(
+        "greet_pause_is_read_from_the_config",
+        "Sendmail",
+        sendmail::installed(),
+    ) {
+        return;
+    }
+    let lab = Lab::new().expect("building the namespace lab");
+    let sendmail = Sendmail::start(&lab.server, GREET_PAUSE).expect("starting Sendmail");
+    let cf = sendmail.cf_file().to_str().expect("a UTF-8 path");
+    let daemon = Daemon::start(
+        &lab.server,
+        &[
+            "--iface",
+            SERVER_IF,
+            "--mta",
+            "sendmail",
+            "--mta-config",
+            cf,
+        ],
+    )
+    .expect("starting spamdelay with --mta sendmail");
+    let line = daemon
+        .wait_for(|l| l.starts_with("sendmail on port 25: "), VERDICT_WAIT)
+        .unwrap_or_else(|| panic!("no Sendmail line: {:#?}", daemon.lines()));
+    assert!(line.contains("greet pause 2s"), "{line}");
+}

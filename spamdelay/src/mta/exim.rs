@@ -59,7 +59,9 @@ fn from_text(text: &str) -> Mta {
         .replace("smtp", "25");
     let enforce_sync =
         option("smtp_enforce_sync").is_none_or(|v| !matches!(v.as_str(), "false" | "no"));
-    let pipeconnect_hosts = option("pipelining_connect_advertise_hosts").unwrap_or_default();
+    // Unset, Exim 4.96 advertises PIPECONNECT to every host (`exim -bP` says `*`).
+    let pipeconnect_hosts =
+        option("pipelining_connect_advertise_hosts").unwrap_or_else(|| "*".into());
     let mut delay = None;
     if let (Some(acl), Some(start)) = (option("acl_smtp_connect"), section_start("acl")) {
         let body = lines[start + 1..]
@@ -126,9 +128,15 @@ begin routers
     }
 
     #[test]
+    fn pipeconnect_left_unset_is_advertised_to_all_as_in_exim() {
+        assert!(from_text("primary_hostname = mx.example\n").pipeconnect);
+    }
+
+    #[test]
     fn no_delay_and_no_pipeconnect() {
-        let m =
-            from_text("acl_smtp_connect = c\nsmtp_enforce_sync = false\nbegin acl\nc:\n  accept\n");
+        let m = from_text(
+            "acl_smtp_connect = c\nsmtp_enforce_sync = false\npipelining_connect_advertise_hosts =\nbegin acl\nc:\n  accept\n",
+        );
         assert_eq!(m.greet_pause, None);
         assert!(!m.pipeconnect);
         assert_eq!(

@@ -185,3 +185,26 @@ impl Lab {
         }
     }
 }
+
+impl Lab {
+    /// Whether a new connection from client address `i` to the server's port
+    /// 25 is refused (a TCP reset: what a ban with `--action reject` does).
+    pub fn refused(&self, i: u8, v6: bool) -> bool {
+        let src = Self::client_addr(i, v6);
+        let dst = std::net::SocketAddr::new(Self::server_addr(v6), 25);
+        match self
+            .client
+            .run(move || crate::smtp::connect(src, dst))
+            .expect("entering the client namespace")
+        {
+            Ok(_) => false,
+            Err(e) => {
+                assert!(
+                    format!("{e:#}").contains("refused"),
+                    "expected a refusal, got {e:#}"
+                );
+                true
+            }
+        }
+    }
+}

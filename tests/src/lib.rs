@@ -26,3 +26,15 @@ pub fn privileged(test: &str) -> bool {
     );
     false
 }
+
+/// Polls `done` every 50 ms for up to `limit`; whether it came true.
+pub fn until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    done()
+}

@@ -3,7 +3,6 @@
 //! bans expire, double, survive restarts and self-heal; admins manage them.
 
 use std::{
-    net::SocketAddr,
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -15,47 +14,16 @@ use spamdelay_tests::{
     privileged,
     scenario::{Scenario, VERDICT_WAIT},
     smtp::{self, Greeting},
+    until,
 };
 
 const V4: &str = "early_talkers_v4";
 const V6: &str = "early_talkers_v6";
 
-/// Whether a new connection from lab address `i` is refused.
-fn refused(s: &Scenario, i: u8, v6: bool) -> bool {
-    let src = Lab::client_addr(i, v6);
-    let dst = SocketAddr::new(Lab::server_addr(v6), 25);
-    match s
-        .lab
-        .client
-        .run(move || smtp::connect(src, dst))
-        .expect("client namespace")
-    {
-        Ok(_) => false,
-        Err(e) => {
-            assert!(
-                format!("{e:#}").contains("refused"),
-                "expected a refusal, got {e:#}"
-            );
-            true
-        }
-    }
-}
-
 fn wait_ban(s: &Scenario, addr: &str) -> String {
     s.daemon
         .wait_for(|l| l.starts_with(&format!("ban [{addr}]")), VERDICT_WAIT)
         .unwrap_or_else(|| panic!("no ban of {addr}: {:#?}", s.daemon.lines()))
-}
-
-fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if done() {
-            return true;
-        }
-        sleep(Duration::from_millis(50));
-    }
-    done()
 }
 
 fn ruleset(s: &Scenario) -> String {
@@ -94,7 +62,7 @@ fn blind_sender_is_banned_and_refused_while_others_still_deliver() {
         "{comment}"
     );
     assert!(
-        refused(&s, 0, false),
+        s.lab.refused(0, false),
         "the banned client's next connection is refused"
     );
     let patient = s.client(1, false, 25, smtp::patient);
@@ -113,9 +81,9 @@ fn ipv6_blind_sender_is_banned() {
     let blind = s.client(0, true, 25, smtp::blind);
     wait_ban(&s, &blind.ip().to_string());
     assert!(element(&s.lab.server, V6, &blind.ip().to_string()).is_some());
-    assert!(refused(&s, 0, true));
+    assert!(s.lab.refused(0, true));
     assert!(
-        !refused(&s, 1, true),
+        !s.lab.refused(1, true),
         "its /64 neighbour is not banned by default"
     );
     s.stop();
@@ -137,10 +105,10 @@ fn ipv6_prefix_mode_bans_the_whole_64() {
         elements(&s.lab.server, V6)
     );
     assert!(
-        refused(&s, 2, true),
+        s.lab.refused(2, true),
         "another address in the /64 is refused"
     );
-    assert!(!refused(&s, 2, false), "IPv4 is not affected");
+    assert!(!s.lab.refused(2, false), "IPv4 is not affected");
     s.stop();
 }
 
@@ -153,13 +121,13 @@ fn ban_expires_on_time() {
     let blind = s.client(2, false, 25, smtp::blind);
     let addr = blind.ip().to_string();
     wait_ban(&s, &addr);
-    assert!(refused(&s, 2, false));
+    assert!(s.lab.refused(2, false));
     assert!(
         until(Duration::from_secs(4), || element(&s.lab.server, V4, &addr)
             .is_none()),
         "nft expired the ban"
     );
-    assert!(!refused(&s, 2, false), "welcome again after the ban");
+    assert!(!s.lab.refused(2, false), "welcome again after the ban");
     s.stop();
 }
 
@@ -213,7 +181,7 @@ fn dry_run_leaves_nftables_untouched() {
         )),
         "{line}"
     );
-    assert!(!refused(&s, 4, false), "nothing is enforced");
+    assert!(!s.lab.refused(4, false), "nothing is enforced");
     let lines = s.daemon.lines();
     assert!(!lines.iter().any(|l| l.starts_with("ban [")), "{lines:#?}");
     // Give the (disabled) self-healing a chance to misbehave.
@@ -238,7 +206,7 @@ fn unban_lets_the_client_back_in() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), format!("unbanned [{addr}]"));
     assert!(element(&s.lab.server, V4, &addr).is_none());
-    assert!(!refused(&s, 5, false), "back in");
+    assert!(!s.lab.refused(5, false), "back in");
     let (_, list, _) = s
         .daemon
         .admin(&s.lab.server, &["list"])
@@ -283,7 +251,7 @@ fn sigkill_and_restart_keep_the_bans() {
             "restored 1 bans from {}/bans.json",
             s.daemon.state().path().display()
         )));
-    assert!(refused(&s, 6, false));
+    assert!(s.lab.refused(6, false));
     s.stop();
 }
 
@@ -304,7 +272,7 @@ fn flushed_ruleset_is_rebuilt_within_two_seconds() {
         "table and ban back within 2 s"
     );
     eprintln!("rebuilt after {:?}", flushed.elapsed());
-    assert!(refused(&s, 7, false));
+    assert!(s.lab.refused(7, false));
     s.stop();
 }
 
@@ -330,7 +298,7 @@ fn manual_ban_list_and_status() {
         (e.timeout, e.comment.as_deref()),
         (Some(86400), Some("manual: spam run 'x'"))
     );
-    assert!(refused(&s, 1, false));
+    assert!(s.lab.refused(1, false));
     let (_, list, _) = s
         .daemon
         .admin(&s.lab.server, &["list", "--json"])

@@ -1,10 +1,7 @@
 //! Coordination with the MTA's greet pause, whatever the MTA: QUIT verdicts
 //! weighed by the pause, and the pass cache for MTAs that keep none.
 
-use std::{
-    thread::sleep,
-    time::{Duration, Instant},
-};
+use std::{thread::sleep, time::Duration};
 
 use spamdelay_tests::{
     lab::Lab,
@@ -12,18 +9,8 @@ use spamdelay_tests::{
     privileged,
     scenario::{Scenario, VERDICT_WAIT},
     smtp::{self, Greeting},
+    until,
 };
-
-fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if done() {
-            return true;
-        }
-        sleep(Duration::from_millis(50));
-    }
-    done()
-}
 
 #[test]
 fn quits_are_weighed_by_the_greet_pause() {

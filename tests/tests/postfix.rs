@@ -115,27 +115,6 @@ impl Rig {
             thread::sleep(Duration::from_millis(50));
         }
     }
-
-    /// Whether a new connection from lab address `i` is refused.
-    fn refused(&self, i: u8, v6: bool) -> bool {
-        let src = Lab::client_addr(i, v6);
-        let dst = SocketAddr::new(Lab::server_addr(v6), 25);
-        match self
-            .lab
-            .client
-            .run(move || smtp::connect(src, dst))
-            .expect("entering the client namespace")
-        {
-            Ok(_) => false,
-            Err(e) => {
-                assert!(
-                    format!("{e:#}").contains("refused"),
-                    "expected a refusal, got {e:#}"
-                );
-                true
-            }
-        }
-    }
 }
 
 /// The spamdelay verdict that means what postscreen's `kind` means.
@@ -309,7 +288,7 @@ fn postscreen_and_spamdelay_agree_on_every_client() {
                 c.what
             );
             assert!(
-                rig.refused(c.index, c.v6),
+                rig.lab.refused(c.index, c.v6),
                 "{}: its next connection is refused",
                 c.what
             );

@@ -187,6 +187,25 @@ impl Lab {
 }
 
 impl Lab {
+    /// Runs client `f` from lab address `i` against the server's `port`, on a
+    /// thread in the client namespace; the client's socket address as logged.
+    pub fn run_client(
+        &self,
+        i: u8,
+        v6: bool,
+        port: u16,
+        f: impl FnOnce(IpAddr, std::net::SocketAddr) -> anyhow::Result<u16> + Send + 'static,
+    ) -> std::net::SocketAddr {
+        let src = Self::client_addr(i, v6);
+        let dst = std::net::SocketAddr::new(Self::server_addr(v6), port);
+        let cport = self
+            .client
+            .run(move || f(src, dst))
+            .expect("entering the client namespace")
+            .expect("client");
+        std::net::SocketAddr::new(src, cport)
+    }
+
     /// Whether a new connection from client address `i` to the server's port
     /// 25 is refused (a TCP reset: what a ban with `--action reject` does).
     pub fn refused(&self, i: u8, v6: bool) -> bool {

@@ -67,15 +67,7 @@ impl Scenario {
         port: u16,
         f: impl FnOnce(IpAddr, SocketAddr) -> anyhow::Result<u16> + Send + 'static,
     ) -> SocketAddr {
-        let src = Lab::client_addr(i, v6);
-        let dst = SocketAddr::new(Lab::server_addr(v6), port);
-        let cport = self
-            .lab
-            .client
-            .run(move || f(src, dst))
-            .expect("entering the client namespace")
-            .expect("client");
-        SocketAddr::new(src, cport)
+        self.lab.run_client(i, v6, port, f)
     }
 
     pub fn verdict(&self, client: SocketAddr) -> String {

@@ -17,7 +17,7 @@ use spamdelay_tests::{
     },
     nft, privileged,
     scenario::{QUIET_WAIT, VERDICT_WAIT},
-    smtp::{self, ClientPort},
+    smtp,
 };
 
 /// Exim's connect-ACL delay: the pause before its greeting.
@@ -27,23 +27,6 @@ const EXIM_WAIT: Duration = Duration::from_secs(5);
 
 fn server() -> SocketAddr {
     SocketAddr::new(Lab::server_addr(false), 25)
-}
-
-/// Runs a client from lab address `i`; its socket address as logged.
-fn client(
-    lab: &Lab,
-    i: u8,
-    v6: bool,
-    f: impl FnOnce(IpAddr, SocketAddr) -> anyhow::Result<ClientPort> + Send + 'static,
-) -> SocketAddr {
-    let src = Lab::client_addr(i, v6);
-    let dst = SocketAddr::new(Lab::server_addr(v6), 25);
-    let port = lab
-        .client
-        .run(move || f(src, dst))
-        .expect("entering the client namespace")
-        .expect("client");
-    SocketAddr::new(src, port)
 }
 
 /// A client still talking on its thread in the client namespace.
@@ -141,8 +124,8 @@ fn exim_and_spamdelay_agree() {
     let daemon = Daemon::start(&lab.server, &["--iface", SERVER_IF]).expect("starting spamdelay");
 
     let blind = [
-        client(&lab, 1, false, smtp::blind),
-        client(&lab, 1, true, smtp::blind),
+        lab.run_client(1, false, 25, smtp::blind),
+        lab.run_client(1, true, 25, smtp::blind),
     ];
     // A real client sends a real message while Exim sits out the blind ones.
     let sent = exim::swaks(&lab.client, Lab::client_addr(2, false), server()).expect("swaks");

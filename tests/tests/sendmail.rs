@@ -16,29 +16,12 @@ use spamdelay_tests::{
     },
     nft, privileged,
     scenario::{QUIET_WAIT, VERDICT_WAIT},
-    smtp::{self, ClientPort},
+    smtp,
 };
 
 const GREET_PAUSE: Duration = Duration::from_secs(2);
 /// Sendmail refuses pre-greeting traffic as soon as it sees it.
 const SENDMAIL_WAIT: Duration = Duration::from_secs(3);
-
-/// Runs a client from lab address `i`; its socket address as logged.
-fn client(
-    lab: &Lab,
-    i: u8,
-    v6: bool,
-    f: impl FnOnce(IpAddr, SocketAddr) -> anyhow::Result<ClientPort> + Send + 'static,
-) -> SocketAddr {
-    let src = Lab::client_addr(i, v6);
-    let dst = SocketAddr::new(Lab::server_addr(v6), 25);
-    let port = lab
-        .client
-        .run(move || f(src, dst))
-        .expect("entering the client namespace")
-        .expect("client");
-    SocketAddr::new(src, port)
-}
 
 fn ban_set(ip: IpAddr) -> &'static str {
     if ip.is_ipv6() {
@@ -71,7 +54,7 @@ fn sendmail_and_spamdelay_agree() {
     let daemon = Daemon::start(&lab.server, &["--iface", SERVER_IF]).expect("starting spamdelay");
 
     for v6 in [false, true] {
-        let blind = client(&lab, 1, v6, smtp::blind);
+        let blind = lab.run_client(1, v6, 25, smtp::blind);
         // Sendmail logs no client port: the lab address names the client.
         let refused = sendmail
             .wait_pregreet(blind.ip(), SENDMAIL_WAIT)
@@ -86,7 +69,7 @@ fn sendmail_and_spamdelay_agree() {
         assert!(nft::element(&lab.server, ban_set(ip), &ip.to_string()).is_some());
     }
 
-    let patient = client(&lab, 2, false, smtp::patient);
+    let patient = lab.run_client(2, false, 25, smtp::patient);
     let v = verdict(&daemon, patient);
     assert!(v.starts_with("PASS "), "{v}");
     let ip = patient.ip();

@@ -15,7 +15,7 @@ use spamdelay_tests::{
         self,
         exim::{self, Conversation, Exim, Pipeconnect},
     },
-    nft, privileged,
+    nft,
     scenario::{QUIET_WAIT, VERDICT_WAIT},
     smtp,
 };
@@ -113,10 +113,7 @@ fn start_daemon_for(lab: &Lab, exim: &Exim) -> Daemon {
 
 #[test]
 fn exim_and_spamdelay_agree() {
-    if !privileged("exim_and_spamdelay_agree") {
-        return;
-    }
-    if !mta::available("exim_and_spamdelay_agree", "Exim", exim::installed()) {
+    if !mta::ready("exim_and_spamdelay_agree", "Exim", exim::installed()) {
         return;
     }
     let lab = Lab::new().expect("building the namespace lab");
@@ -158,10 +155,7 @@ fn exim_and_spamdelay_agree() {
 
 #[test]
 fn one_early_ehlo_is_allowed_when_exim_advertises_pipeconnect() {
-    if !privileged("one_early_ehlo_is_allowed_when_exim_advertises_pipeconnect") {
-        return;
-    }
-    if !mta::available(
+    if !mta::ready(
         "one_early_ehlo_is_allowed_when_exim_advertises_pipeconnect",
         "Exim",
         exim::installed(),
@@ -203,10 +197,7 @@ fn one_early_ehlo_is_allowed_when_exim_advertises_pipeconnect() {
 
 #[test]
 fn one_early_ehlo_is_an_offence_without_pipeconnect() {
-    if !privileged("one_early_ehlo_is_an_offence_without_pipeconnect") {
-        return;
-    }
-    if !mta::available(
+    if !mta::ready(
         "one_early_ehlo_is_an_offence_without_pipeconnect",
         "Exim",
         exim::installed(),
@@ -235,10 +226,7 @@ fn one_early_ehlo_is_an_offence_without_pipeconnect() {
 
 #[test]
 fn greet_pause_is_read_from_the_config() {
-    if !privileged("greet_pause_is_read_from_the_config") {
-        return;
-    }
-    if !mta::available(
+    if !mta::ready(
         "greet_pause_is_read_from_the_config",
         "Exim",
         exim::installed(),
@@ -256,10 +244,7 @@ fn greet_pause_is_read_from_the_config() {
 
 #[test]
 fn pipeconnect_left_unset_is_exims_default() {
-    if !privileged("pipeconnect_left_unset_is_exims_default") {
-        return;
-    }
-    if !mta::available(
+    if !mta::ready(
         "pipeconnect_left_unset_is_exims_default",
         "Exim",
         exim::installed(),

@@ -16,7 +16,6 @@ use spamdelay_tests::{
         postfix::{self, Postfix},
     },
     nft::element,
-    privileged,
     scenario::VERDICT_WAIT,
     smtp,
 };
@@ -168,10 +167,7 @@ fn hang_up_after_half_a_second(src: IpAddr, dst: SocketAddr) -> anyhow::Result<u
 
 #[test]
 fn postscreen_and_spamdelay_agree_on_every_client() {
-    if !privileged("postscreen_and_spamdelay_agree_on_every_client") {
-        return;
-    }
-    if !mta::available(
+    if !mta::ready(
         "postscreen_and_spamdelay_agree_on_every_client",
         "Postfix",
         postfix::installed(),
@@ -310,10 +306,7 @@ fn postscreen_and_spamdelay_agree_on_every_client() {
 
 #[test]
 fn greet_wait_is_read_from_the_config_directory() {
-    if !privileged("greet_wait_is_read_from_the_config_directory") {
-        return;
-    }
-    if !mta::available(
+    if !mta::ready(
         "greet_wait_is_read_from_the_config_directory",
         "Postfix",
         postfix::installed(),

@@ -14,7 +14,7 @@ use spamdelay_tests::{
         self,
         sendmail::{self, Sendmail},
     },
-    nft, privileged,
+    nft,
     scenario::{QUIET_WAIT, VERDICT_WAIT},
     smtp,
 };
@@ -39,10 +39,7 @@ fn verdict(daemon: &Daemon, client: SocketAddr) -> String {
 
 #[test]
 fn sendmail_and_spamdelay_agree() {
-    if !privileged("sendmail_and_spamdelay_agree") {
-        return;
-    }
-    if !mta::available(
+    if !mta::ready(
         "sendmail_and_spamdelay_agree",
         "Sendmail",
         sendmail::installed(),
@@ -100,10 +97,7 @@ fn sendmail_and_spamdelay_agree() {
 
 #[test]
 fn greet_pause_is_read_from_the_config() {
-    if !privileged("greet_pause_is_read_from_the_config") {
-        return;
-    }
-    if !mta::available(
+    if !mta::ready(
         "greet_pause_is_read_from_the_config",
         "Sendmail",
         sendmail::installed(),

@@ -16,6 +16,11 @@ pub fn unpack_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/opt/spamdelay-test"))
 }
 
+/// Both gates of an MTA test: root (`crate::privileged`) and the MTA installed.
+pub fn ready(test: &str, what: &str, present: bool) -> bool {
+    crate::privileged(test) && available(test, what, present)
+}
+
 /// True when `what` is installed. Without it a test prints a loud SKIPPED and
 /// returns, except under CI (`CI` set), where a missing MTA fails.
 pub fn available(test: &str, what: &str, present: bool) -> bool {

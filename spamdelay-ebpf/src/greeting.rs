@@ -33,26 +33,27 @@ struct ScanLoop {
     result: u8,
 }
 
+/// Byte `index` from `start` in the packet, for the `bpf_loop` callbacks
+/// (which get the skb through their context, not a `TcContext`).
+#[inline(always)]
+fn byte_at(skb: *mut aya_ebpf::bindings::__sk_buff, start: u32, index: u64) -> Option<u8> {
+    let mut byte = 0u8;
+    let off = start.wrapping_add(index as u32);
+    let ret =
+        unsafe { bpf_skb_load_bytes(skb as *const c_void, off, (&mut byte as *mut u8).cast(), 1) };
+    (ret == 0).then_some(byte)
+}
+
 const RESULT_INCOMPLETE: u8 = 0;
 const RESULT_COMPLETE: u8 = 1;
 const RESULT_UNREADABLE: u8 = 2;
 
 extern "C" fn scan_byte(index: u64, data: *mut c_void) -> i64 {
     let state = unsafe { &mut *(data as *mut ScanLoop) };
-    let mut byte = 0u8;
-    let off = state.start.wrapping_add(index as u32);
-    let ret = unsafe {
-        bpf_skb_load_bytes(
-            state.skb as *const c_void,
-            off,
-            (&mut byte as *mut u8).cast(),
-            1,
-        )
-    };
-    if ret != 0 {
+    let Some(byte) = byte_at(state.skb, state.start, index) else {
         state.result = RESULT_UNREADABLE;
         return 1;
-    }
+    };
     if state.scanner.feed(byte) {
         state.result = RESULT_COMPLETE;
         return 1;
@@ -137,21 +138,14 @@ struct NewlineLoop {
 
 extern "C" fn find_newline(index: u64, data: *mut c_void) -> i64 {
     let state = unsafe { &mut *(data as *mut NewlineLoop) };
-    let mut byte = 0u8;
-    let off = state.start.wrapping_add(index as u32);
-    let ret = unsafe {
-        bpf_skb_load_bytes(
-            state.skb as *const c_void,
-            off,
-            (&mut byte as *mut u8).cast(),
-            1,
-        )
-    };
-    if ret != 0 || byte == b'\n' {
-        state.found = 1;
-        return 1;
+    match byte_at(state.skb, state.start, index) {
+        Some(b) if b != b'\n' => 0,
+        // A newline, or a byte that cannot be read: not one clean line.
+        _ => {
+            state.found = 1;
+            1
+        }
     }
-    0
 }
 
 /// Is the segment's payload exactly one `EHLO ...` line ending in CRLF?

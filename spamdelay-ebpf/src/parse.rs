@@ -90,18 +90,18 @@ pub fn segment(ctx: &TcContext, dir: Dir) -> Option<Segment> {
         ETH_P_IPV6 => ipv6(ctx)?,
         _ => return None,
     };
-    let tcp: [u8; 20] = match (family, l4) {
-        (FAMILY_V4, L4_V4) => read(ctx, L4_V4)?,
-        (FAMILY_V6, L4_V6) => read(ctx, L4_V6)?,
-        _ => load(ctx, l4)?,
-    };
-    let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-    let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    // The ports first: TCP that is not to or from a watched port (most of
+    // the traffic) leaves without anything else being read.
+    let ports: [u8; 4] = tcp_bytes(ctx, family, l4, 0)?;
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
     let server_port = if dir == Dir::FromClient { dport } else { sport };
     if !watched(server_port) {
         return None;
     }
-    let doff = ((tcp[12] >> 4) as usize) * 4;
+    // Bytes 4..20 of the TCP header: sequence, ack, data offset, flags.
+    let tcp: [u8; 16] = tcp_bytes(ctx, family, l4, 4)?;
+    let doff = ((tcp[8] >> 4) as usize) * 4;
     if doff < 20 {
         return None;
     }
@@ -117,9 +117,9 @@ pub fn segment(ctx: &TcContext, dir: Dir) -> Option<Segment> {
         dst: [0; 16],
         sport,
         dport,
-        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-        ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
-        flags: tcp[13],
+        seq: u32::from_be_bytes([tcp[0], tcp[1], tcp[2], tcp[3]]),
+        ack: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        flags: tcp[9],
         payload_off,
         payload_len: (ip_payload_end - payload_off) as u32,
     };
@@ -131,6 +131,22 @@ pub fn segment(ctx: &TcContext, dir: Dir) -> Option<Segment> {
         seg.dst = read::<[u8; 16]>(ctx, ETH_HLEN + 24)?;
     }
     Some(seg)
+}
+
+/// `N` bytes at `off` into the TCP header: a direct read at the usual fixed
+/// offsets, `bpf_skb_load_bytes` after IP options or extension headers.
+#[inline(always)]
+fn tcp_bytes<const N: usize>(
+    ctx: &TcContext,
+    family: u8,
+    l4: usize,
+    off: usize,
+) -> Option<[u8; N]> {
+    match (family, l4) {
+        (FAMILY_V4, L4_V4) => read(ctx, L4_V4 + off),
+        (FAMILY_V6, L4_V6) => read(ctx, L4_V6 + off),
+        _ => load(ctx, l4 + off),
+    }
 }
 
 const L4_V4: usize = ETH_HLEN + 20;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use log::{error, info, warn};
 use spamdelay_common::Verdict;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::sync::mpsc;
 
 use crate::{
     allow::Cidr,
@@ -19,8 +19,7 @@ use crate::{
     policy::{Offence, Policy},
 };
 
-/// A batch closes after this long or this many verdicts, whichever first.
-pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
+/// A batch holds at most this many verdicts.
 pub const BATCH_MAX: usize = 512;
 /// How often the table's presence is checked.
 pub const HEAL_EVERY: Duration = Duration::from_millis(500);
@@ -97,7 +96,7 @@ impl Enforcer {
             tokio::select! {
                 first = reports.recv() => {
                     let Some(first) = first else { return };
-                    let mut batch = collect_batch(first, &mut reports).await;
+                    let mut batch = collect_batch(first, &mut reports);
                     for r in &mut batch {
                         r.pause = self.policy.greet_pause;
                     }
@@ -217,14 +216,15 @@ fn live_bans(register: &Register, now: u64) -> Vec<Change> {
         .collect()
 }
 
-/// Gathers more verdicts for up to `BATCH_WINDOW` after the first.
-async fn collect_batch(first: Report, reports: &mut mpsc::Receiver<Report>) -> Vec<Report> {
+/// The first verdict and whatever else is already waiting, without waiting
+/// for more: a lone early talker is banned at once, while under a flood the
+/// verdicts that arrive during one nft transaction make up the next batch.
+fn collect_batch(first: Report, reports: &mut mpsc::Receiver<Report>) -> Vec<Report> {
     let mut batch = vec![first];
-    let deadline = Instant::now() + BATCH_WINDOW;
     while batch.len() < BATCH_MAX {
-        match tokio::time::timeout_at(deadline, reports.recv()).await {
-            Ok(Some(r)) => batch.push(r),
-            Ok(None) | Err(_) => break,
+        match reports.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(_) => break,
         }
     }
     batch

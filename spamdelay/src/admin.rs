@@ -94,11 +94,18 @@ pub async fn ban(store: &Store, cidr: Cidr, time: Duration, reason: &str) -> Res
         remember_until: now + time.as_secs(),
     };
     let t = locked.register.table.clone();
-    nft::ensure_table(&t.ports, t.action, t.set_size)
+    t.ensure()
         .await
         .context("setting up table inet spamdelay")?;
-    let mut changes: Vec<Change> = inside.iter().map(|c| Change::Delete { cidr: *c }).collect();
+    let mut changes: Vec<Change> = inside
+        .iter()
+        .map(|c| Change::Delete {
+            cidr: *c,
+            set: t.set_for(c),
+        })
+        .collect();
     changes.push(Change::Add {
+        set: t.set_for(&cidr),
         cidr,
         timeout_secs: time.as_secs(),
         comment: ban.reason.clone(),
@@ -134,7 +141,10 @@ pub async fn unban(store: &Store, cidr: Cidr) -> Result<()> {
     let changes: Vec<Change> = in_nft
         .iter()
         .filter(|l| cidr.covers(&l.cidr))
-        .map(|l| Change::Delete { cidr: l.cidr })
+        .map(|l| Change::Delete {
+            cidr: l.cidr,
+            set: l.set,
+        })
         .collect();
     if lifted.is_empty() && changes.is_empty() {
         bail!(

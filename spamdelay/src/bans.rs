@@ -58,6 +58,32 @@ pub struct TableSettings {
     pub ports: Vec<u16>,
     pub action: crate::nft::Action,
     pub set_size: u32,
+    /// `--ipv6-prefix`: below 128, early_talkers_v6 holds networks.
+    #[serde(default = "full_v6")]
+    pub ipv6_prefix: u8,
+}
+
+fn full_v6() -> u8 {
+    128
+}
+
+impl TableSettings {
+    /// Whether early_talkers_v6 needs `interval` (it holds /N networks).
+    pub fn v6_interval(&self) -> bool {
+        self.ipv6_prefix < 128
+    }
+
+    /// The set a ban of `cidr` goes to.
+    pub fn set_for(&self, cidr: &Cidr) -> &'static str {
+        crate::nft::set_for(cidr, self.v6_interval())
+    }
+
+    /// Creates or updates the table for these settings.
+    pub fn ensure(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), crate::nft::NftError>> + Send + 'static {
+        crate::nft::ensure_table(&self.ports, self.action, self.set_size, self.v6_interval())
+    }
 }
 
 impl Default for TableSettings {
@@ -66,6 +92,7 @@ impl Default for TableSettings {
             ports: vec![25],
             action: crate::nft::Action::Reject,
             set_size: 65536,
+            ipv6_prefix: 128,
         }
     }
 }

@@ -93,6 +93,7 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
             ports: args.ports.clone(),
             action: args.action,
             set_size: args.set_size,
+            ipv6_prefix: args.ipv6_prefix,
         },
         dry_run: args.dry_run,
         pass_cache: args.pass_cache.clone().map(|file| {

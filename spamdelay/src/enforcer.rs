@@ -57,7 +57,7 @@ impl Enforcer {
         locked.register.forget_expired(bans::now());
         locked.save()?;
         let restored = self
-            .rebuild(live_bans(&locked.register, bans::now()))
+            .rebuild(live_bans(&locked.register, &self.table, bans::now()))
             .await?;
         if restored > 0 {
             info!(
@@ -71,7 +71,7 @@ impl Enforcer {
     /// (Re)creates the table and loads the live bans into it.
     async fn rebuild(&self, live: Vec<Change>) -> Result<usize> {
         let t = &self.table;
-        if let Err(e) = nft::ensure_table(&t.ports, t.action, t.set_size).await {
+        if let Err(e) = t.ensure().await {
             if matches!(e, NftError::Missing | NftError::Permission) {
                 return Err(e).context("setting up table inet spamdelay");
             }
@@ -81,9 +81,7 @@ impl Enforcer {
             nft::delete_table()
                 .await
                 .context("deleting the old table inet spamdelay")?;
-            nft::ensure_table(&t.ports, t.action, t.set_size)
-                .await
-                .context("creating table inet spamdelay")?;
+            t.ensure().await.context("creating table inet spamdelay")?;
         }
         Ok(apply_resilient(&live).await.len())
     }
@@ -174,6 +172,7 @@ impl Enforcer {
             .iter()
             .map(|(cidr, ban)| Change::Add {
                 cidr: *cidr,
+                set: self.table.set_for(cidr),
                 timeout_secs: ban.time_left(now).as_secs(),
                 comment: nft::comment(&ban.reason),
             })
@@ -194,7 +193,7 @@ impl Enforcer {
             return Ok(());
         }
         let (locked, _) = self.store.lock()?;
-        let live = live_bans(&locked.register, bans::now());
+        let live = live_bans(&locked.register, &self.table, bans::now());
         warn!(
             "table inet spamdelay is gone (flushed or reloaded?): recreating it with {} live bans",
             live.len()
@@ -205,11 +204,12 @@ impl Enforcer {
 }
 
 /// Every ban in force, as additions with their time left.
-fn live_bans(register: &Register, now: u64) -> Vec<Change> {
+fn live_bans(register: &Register, table: &TableSettings, now: u64) -> Vec<Change> {
     register
         .active(now)
         .map(|(cidr, ban)| Change::Add {
             cidr: *cidr,
+            set: table.set_for(cidr),
             timeout_secs: ban.time_left(now).as_secs(),
             comment: nft::comment(&ban.reason),
         })

@@ -19,8 +19,15 @@ use serde::{Deserialize, Serialize};
 use crate::allow::Cidr;
 
 pub const TABLE: &str = "spamdelay";
+/// Banned addresses: hash sets, whose cost per added element stays flat
+/// however many bans they hold (interval sets grow slower with every element).
 pub const SET_V4: &str = "early_talkers_v4";
+/// Also holds the /N networks of `--ipv6-prefix N`, and then has `interval`.
 pub const SET_V6: &str = "early_talkers_v6";
+/// Networks banned by hand (`spamdelay ban 203.0.113.0/24`): interval sets.
+pub const SET_V4_NETS: &str = "early_talkers_v4_nets";
+pub const SET_V6_NETS: &str = "early_talkers_v6_nets";
+const ALL_SETS: [&str; 4] = [SET_V4, SET_V6, SET_V4_NETS, SET_V6_NETS];
 /// nft keeps at most this many bytes of an element comment.
 const COMMENT_MAX: usize = 120;
 
@@ -91,23 +98,31 @@ async fn nft(args: &'static [&'static str], input: Option<Vec<u8>>) -> Result<Ve
     Err(NftError::Failed(stderr.trim().replace('\n', "; ")))
 }
 
-/// One element change.
+/// One element change, in the set that holds (or is to hold) it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     Add {
         cidr: Cidr,
+        set: &'static str,
         timeout_secs: u64,
         comment: String,
     },
     Delete {
         cidr: Cidr,
+        set: &'static str,
     },
 }
 
 impl Change {
     pub fn cidr(&self) -> &Cidr {
         match self {
-            Change::Add { cidr, .. } | Change::Delete { cidr } => cidr,
+            Change::Add { cidr, .. } | Change::Delete { cidr, .. } => cidr,
+        }
+    }
+
+    fn set(&self) -> &'static str {
+        match self {
+            Change::Add { set, .. } | Change::Delete { set, .. } => set,
         }
     }
 }
@@ -116,12 +131,22 @@ impl Change {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listed {
     pub cidr: Cidr,
+    pub set: &'static str,
     pub expires_secs: Option<u64>,
     pub comment: Option<String>,
 }
 
-fn set_for(cidr: &Cidr) -> &'static str {
-    if cidr.is_ipv4() { SET_V4 } else { SET_V6 }
+/// The set a ban goes to: addresses to the hash sets, networks to the
+/// interval sets, except that `--ipv6-prefix` networks share early_talkers_v6
+/// (which then has `interval`).
+pub fn set_for(cidr: &Cidr, v6_interval: bool) -> &'static str {
+    match (cidr.is_ipv4(), cidr.is_host()) {
+        (true, true) => SET_V4,
+        (true, false) => SET_V4_NETS,
+        (false, true) => SET_V6,
+        (false, false) if v6_interval => SET_V6,
+        (false, false) => SET_V6_NETS,
+    }
 }
 
 fn elem_value(cidr: &Cidr) -> Expression<'static> {
@@ -169,7 +194,12 @@ fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'stati
 }
 
 /// The table's objects: table, sets, chains (flushed, then their rules).
-fn table_objects(ports: &[u16], action: Action, set_size: u32) -> Vec<NfObject<'static>> {
+fn table_objects(
+    ports: &[u16],
+    action: Action,
+    set_size: u32,
+    v6_interval: bool,
+) -> Vec<NfObject<'static>> {
     let mut objs = vec![NfObject::CmdObject(NfCmd::Add(NfListObject::Table(
         Table {
             family: NfFamily::INet,
@@ -177,7 +207,16 @@ fn table_objects(ports: &[u16], action: Action, set_size: u32) -> Vec<NfObject<'
             handle: None,
         },
     )))];
-    for (name, ty) in [(SET_V4, SetType::Ipv4Addr), (SET_V6, SetType::Ipv6Addr)] {
+    for (name, ty, interval) in [
+        (SET_V4, SetType::Ipv4Addr, false),
+        (SET_V6, SetType::Ipv6Addr, v6_interval),
+        (SET_V4_NETS, SetType::Ipv4Addr, true),
+        (SET_V6_NETS, SetType::Ipv6Addr, true),
+    ] {
+        let mut flags = HashSet::from([SetFlag::Timeout]);
+        if interval {
+            flags.insert(SetFlag::Interval);
+        }
         objs.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Set(
             Box::new(Set {
                 family: NfFamily::INet,
@@ -186,7 +225,7 @@ fn table_objects(ports: &[u16], action: Action, set_size: u32) -> Vec<NfObject<'
                 handle: None,
                 set_type: SetTypeValue::Single(ty),
                 policy: None,
-                flags: Some(HashSet::from([SetFlag::Interval, SetFlag::Timeout])),
+                flags: Some(flags),
                 elem: None,
                 timeout: None,
                 gc_interval: None,
@@ -224,7 +263,12 @@ fn table_objects(ports: &[u16], action: Action, set_size: u32) -> Vec<NfObject<'
                 ..Default::default()
             },
         ))));
-        for (proto, set) in [("ip", SET_V4), ("ip6", SET_V6)] {
+        for (proto, set) in [
+            ("ip", SET_V4),
+            ("ip6", SET_V6),
+            ("ip", SET_V4_NETS),
+            ("ip6", SET_V6_NETS),
+        ] {
             let verdict = match action {
                 Action::Reject => {
                     Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None)))
@@ -263,6 +307,7 @@ fn change_object(change: &Change) -> NfObject<'static> {
             cidr,
             timeout_secs,
             comment,
+            ..
         } => (
             NfCmd::Add,
             Expression::Named(NamedExpression::Elem(Elem {
@@ -273,12 +318,12 @@ fn change_object(change: &Change) -> NfObject<'static> {
                 counter: None,
             })),
         ),
-        Change::Delete { cidr } => (NfCmd::Delete, elem_value(cidr)),
+        Change::Delete { cidr, .. } => (NfCmd::Delete, elem_value(cidr)),
     };
     NfObject::CmdObject(cmd(NfListObject::Element(Element {
         family: NfFamily::INet,
         table: TABLE.into(),
-        name: set_for(change.cidr()).into(),
+        name: change.set().into(),
         elem: vec![elem].into(),
     })))
 }
@@ -296,8 +341,9 @@ pub fn ensure_table(
     ports: &[u16],
     action: Action,
     set_size: u32,
+    v6_interval: bool,
 ) -> impl std::future::Future<Output = Result<(), NftError>> + Send + 'static {
-    apply(table_objects(ports, action, set_size))
+    apply(table_objects(ports, action, set_size, v6_interval))
 }
 
 /// Deletes spamdelay's table (used when its sets were made with other settings).
@@ -336,7 +382,7 @@ async fn list(args: &'static [&'static str]) -> Result<Option<Nftables<'static>>
     }
 }
 
-/// Whether the table exists with both sets.
+/// Whether the table exists with all its sets.
 pub async fn table_exists() -> Result<bool, NftError> {
     Ok(list(&["list", "table", "inet", TABLE])
         .await?
@@ -346,17 +392,20 @@ pub async fn table_exists() -> Result<bool, NftError> {
                 .iter()
                 .filter(|o| matches!(o, NfObject::ListObject(NfListObject::Set(_))))
                 .count();
-            sets >= 2
+            sets >= ALL_SETS.len()
         }))
 }
 
 /// The elements of both sets as nft has them now (empty when no table).
 pub async fn list_elements() -> Result<Vec<Listed>, NftError> {
     let mut out = Vec::new();
-    for args in [
-        &["list", "set", "inet", TABLE, SET_V4],
-        &["list", "set", "inet", TABLE, SET_V6],
-    ] {
+    for set in ALL_SETS {
+        let args: &'static [&'static str] = match set {
+            SET_V4 => &["list", "set", "inet", TABLE, SET_V4],
+            SET_V6 => &["list", "set", "inet", TABLE, SET_V6],
+            SET_V4_NETS => &["list", "set", "inet", TABLE, SET_V4_NETS],
+            _ => &["list", "set", "inet", TABLE, SET_V6_NETS],
+        };
         let Some(doc) = list(args).await? else {
             continue;
         };
@@ -365,7 +414,7 @@ pub async fn list_elements() -> Result<Vec<Listed>, NftError> {
                 continue;
             };
             for e in s.elem.iter().flat_map(|v| v.iter()) {
-                if let Some(l) = listed(e) {
+                if let Some(l) = listed(e, set) {
                     out.push(l);
                 }
             }
@@ -374,7 +423,7 @@ pub async fn list_elements() -> Result<Vec<Listed>, NftError> {
     Ok(out)
 }
 
-fn listed(e: &Expression<'_>) -> Option<Listed> {
+fn listed(e: &Expression<'_>, set: &'static str) -> Option<Listed> {
     let (val, expires, comment) = match e {
         Expression::Named(NamedExpression::Elem(el)) => {
             (&*el.val, el.expires, el.comment.as_deref())
@@ -393,6 +442,7 @@ fn listed(e: &Expression<'_>) -> Option<Listed> {
     };
     Some(Listed {
         cidr,
+        set,
         expires_secs: expires.map(u64::from),
         comment: comment.map(str::to_string),
     })

@@ -354,7 +354,7 @@ fn admin_commands_work_without_the_daemon() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        element(&lab.server, V6, "2001:db8::/64").is_some(),
+        element(&lab.server, "early_talkers_v6_nets", "2001:db8::/64").is_some(),
         "table created and ban applied"
     );
     let out = run(&["status"]);
@@ -367,7 +367,7 @@ fn admin_commands_work_without_the_daemon() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(elements(&lab.server, V6).is_empty());
+    assert!(elements(&lab.server, "early_talkers_v6_nets").is_empty());
 }
 
 #[test]

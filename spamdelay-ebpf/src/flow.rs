@@ -15,6 +15,9 @@ use crate::{
     trace::{GiveUp, given_up},
 };
 
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
 /// How far past the client's first byte a segment may start and still be
 /// believed. Before the greeting an honest client has sent next to nothing,
 /// so an off-path forger must guess the sequence number to within this.
@@ -209,5 +212,15 @@ fn emit(ctx: &TcContext, key: &FlowKey, flow: &Flow, verdict: Verdict, payload: 
             (*ev).captured = crate::greeting::capture(ctx, seg, &mut (*ev).payload);
         }
     }
-    entry.submit(0);
+    // Only an early talker needs the daemon at once; waking it for every
+    // PASS costs a context switch per SMTP session, so those wait for its
+    // next drain (BPF_RB_NO_WAKEUP), and a ban is never delayed behind them
+    // (BPF_RB_FORCE_WAKEUP: the adaptive default would not wake a reader
+    // that has unread records).
+    let flags = if verdict == Verdict::EarlyTalk {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags);
 }

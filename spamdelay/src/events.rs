@@ -127,20 +127,34 @@ pub fn drain(ring: &mut RingBuf<MapData>) -> Vec<Report> {
     out
 }
 
+/// Records the kernel writes without a wakeup (PASS, QUIT) are picked up
+/// within this; EARLY-TALK wakes the reader at once.
+pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Forwards reports until the receiver is gone.
 pub async fn forward(ring: RingBuf<MapData>, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the
     // fd stays open for as long as it is registered.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(std::io::Error::from)?;
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = fd.readable_mut().await?;
-        for report in drain(guard.get_inner_mut()) {
+        let reports = tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                // Cleared before draining: a record written meanwhile raises
+                // a new edge instead of being left for the next tick.
+                guard.clear_ready();
+                drain(guard.get_inner_mut())
+            }
+            _ = tick.tick() => drain(fd.get_mut()),
+        };
+        for report in reports {
             if tx.send(report).await.is_err() {
                 return Ok(());
             }
         }
-        guard.clear_ready();
     }
 }
 

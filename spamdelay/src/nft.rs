@@ -382,9 +382,10 @@ async fn list(args: &'static [&'static str]) -> Result<Option<Nftables<'static>>
     }
 }
 
-/// Whether the table exists with all its sets.
+/// Whether the table exists with all its sets. Terse (`-t`): without the
+/// elements, which at 90,000 bans took nft 2 s and 146 MB to list.
 pub async fn table_exists() -> Result<bool, NftError> {
-    Ok(list(&["list", "table", "inet", TABLE])
+    Ok(list(&["-t", "list", "table", "inet", TABLE])
         .await?
         .is_some_and(|doc| {
             let sets = doc
@@ -450,7 +451,7 @@ fn listed(e: &Expression<'_>, set: &'static str) -> Option<Listed> {
 
 /// Packets refused by the table's rules so far (all chains, both families).
 pub async fn refused_packets() -> Result<u64, NftError> {
-    let Some(doc) = list(&["list", "table", "inet", TABLE]).await? else {
+    let Some(doc) = list(&["-t", "list", "table", "inet", TABLE]).await? else {
         return Ok(0);
     };
     let mut total = 0;

@@ -31,6 +31,14 @@ pub fn spamdelay_egress(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// Benchmark baseline (`cargo xtask bench`): does nothing, so the cost of
+/// being attached and run at all can be told apart from spamdelay's own.
+/// Never attached by the daemon.
+#[classifier]
+pub fn spamdelay_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -102,6 +102,12 @@ impl Daemon {
         Ok(d)
     }
 
+    /// The daemon's process id: `ip netns exec` execs the daemon, so the
+    /// child is the daemon itself (for /proc/PID/status and stat).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn state(&self) -> Arc<tempfile::TempDir> {
         self.state.clone()
     }
@@ -203,4 +209,21 @@ pub fn counter(lines: &[String], name: &str) -> Option<u64> {
     let line = lines.iter().rev().find(|l| l.starts_with("stopping:"))?;
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Batches the daemon applied: each logs its verdicts, then its `ban` lines,
+/// then makes one nft transaction, so every run of `ban` lines is one.
+pub fn ban_batches(lines: &[String]) -> usize {
+    let mut runs = 0;
+    let mut in_run = false;
+    for l in lines {
+        let ban = l.starts_with("ban [");
+        if ban && !in_run {
+            runs += 1;
+        }
+        if ban || l.starts_with("EARLY-TALK") {
+            in_run = ban;
+        }
+    }
+    runs
 }

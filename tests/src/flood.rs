@@ -3,7 +3,7 @@
 //! parallel connector that talks first from each address.
 
 use std::{
-    io::Write,
+    io::{Read, Write},
     net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream},
     sync::{
         Arc,
@@ -11,7 +11,7 @@ use std::{
         mpsc,
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -95,6 +95,18 @@ impl SilentServer {
     /// Listens with accept backlog `backlog` (the kernel caps it at the
     /// namespace's `net.core.somaxconn`).
     pub fn start(ns: &Netns, port: u16, backlog: i32) -> Result<Self> {
+        Self::start_keeping(ns, port, backlog, Keep::All)
+    }
+
+    /// Like `start`, but each connection is closed once its client has closed
+    /// or reset it, so a flood of any size fits in the open-file limit. The
+    /// server still never closes first: that would end a flow before its
+    /// client's payload was seen.
+    pub fn start_releasing(ns: &Netns, port: u16, backlog: i32) -> Result<Self> {
+        Self::start_keeping(ns, port, backlog, Keep::UntilPeerCloses)
+    }
+
+    fn start_keeping(ns: &Netns, port: u16, backlog: i32, keep: Keep) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -111,21 +123,38 @@ impl SilentServer {
                 }
             };
             let mut held = Vec::new();
+            let mut accepted = 0;
             while !flag.load(Ordering::Relaxed) {
+                // Now and then, not per accept: a sweep costs one read per
+                // held connection.
+                if keep == Keep::UntilPeerCloses && accepted % RELEASE_SWEEP_EVERY == 0 {
+                    held.retain(peer_still_open);
+                }
                 match listener.accept() {
-                    Ok((conn, _)) => held.push(conn),
+                    Ok((conn, _)) => {
+                        accepted += 1;
+                        if keep == Keep::UntilPeerCloses {
+                            conn.set_nonblocking(true)?;
+                        }
+                        held.push(conn);
+                    }
                     // The accept timeout (SO_RCVTIMEO) ran out: look at the flag.
                     Err(e)
                         if matches!(
                             e.kind(),
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                        ) => {}
+                        ) =>
+                    {
+                        if keep == Keep::UntilPeerCloses {
+                            held.retain(peer_still_open);
+                        }
+                    }
                     Err(e) => {
-                        return Err(e).with_context(|| format!("accepting after {}", held.len()));
+                        return Err(e).with_context(|| format!("accepting after {accepted}"));
                     }
                 }
             }
-            Ok(held.len())
+            Ok(accepted)
         });
         ready_rx
             .recv_timeout(Duration::from_secs(5))
@@ -160,6 +189,34 @@ impl Drop for SilentServer {
             // A failed test's own panic says what broke for the clients;
             // this says why, should the server have given up first.
             eprintln!("silent server: {e:#}");
+        }
+    }
+}
+
+/// A releasing server sweeps its held connections after this many accepts
+/// (and whenever accept times out).
+const RELEASE_SWEEP_EVERY: usize = 256;
+
+/// What the silent server keeps of the connections it accepts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Every one, until the server stops.
+    All,
+    /// Each until its client closes or resets it.
+    UntilPeerCloses,
+}
+
+/// Reads what a held (non-blocking) connection has and tells whether it is
+/// still open: nothing to read yet, or only data, means open.
+fn peer_still_open(conn: &TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    loop {
+        match (&*conn).read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
         }
     }
 }
@@ -223,4 +280,59 @@ fn talk_first(src: IpAddr, dst: SocketAddr, payload: &[u8]) -> Result<TcpStream>
         .write_all(payload)
         .with_context(|| format!("writing from {src}"))?;
     Ok(stream)
+}
+
+/// The prefix `anyip_addr` numbers clients in: 2001:db8::/64's upper half
+/// from the fifth group on, clear of the lab's clients (::10..) and server
+/// (::25).
+pub const ANYIP_NET: &str = "2001:db8:0:0:8000::/65";
+
+/// Client `i` (up to 2^31) in `ANYIP_NET`: 2001:db8::8000+hi:lo:0:1.
+pub fn anyip_addr(i: u32) -> Ipv6Addr {
+    // Bits 16.. in the fifth group, bits 0..16 in the sixth; both as u16 by
+    // construction (i < 2^31 keeps the fifth group below 0x10000).
+    let hi = 0x8000 | ((i >> 16) & 0x7fff) as u16;
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, hi, (i & 0xffff) as u16, 0, 1)
+}
+
+/// Makes every address in `net` local to `ns` at once, an AnyIP route
+/// (`local NET dev lo`), so sockets with `IPV6_FREEBIND` can use any of them
+/// as their source (`talk_first_freebind`). Adding addresses one by one
+/// (`add_addresses`) slows down quadratically: 5,000 take 0.3 s, 75,000 took
+/// ten minutes here. The server side must route `net` back to this
+/// namespace, through one neighbour.
+pub fn route_local(ns: &Netns, net: &str) -> Result<()> {
+    ns.ip(&["-6", "route", "add", "local", net, "dev", "lo"])
+}
+
+/// Connects from `src` (any address of a `route_local` prefix: the socket
+/// binds with `IPV6_FREEBIND`) to `dst` and writes `payload` without waiting
+/// for a greeting. Returns the stream and the moment just before the write.
+/// Must run on a thread inside the client namespace.
+pub fn talk_first_freebind(
+    src: Ipv6Addr,
+    dst: SocketAddr,
+    payload: &[u8],
+) -> Result<(TcpStream, Instant)> {
+    let sock = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    sock.set_freebind_v6(true)
+        .context("setting IPV6_FREEBIND")?;
+    sock.bind(&SocketAddr::new(src.into(), 0).into())
+        .with_context(|| format!("binding {src}"))?;
+    sock.connect_timeout(&dst.into(), Duration::from_secs(5))
+        .with_context(|| format!("connecting {src} -> {dst}"))?;
+    let mut stream: TcpStream = sock.into();
+    let at = Instant::now();
+    stream
+        .write_all(payload)
+        .with_context(|| format!("writing from {src}"))?;
+    Ok((stream, at))
+}
+
+/// Closes `stream` with a reset (SO_LINGER 0): no FIN_WAIT socket outlives
+/// it, so a flood of any size costs neither file descriptors nor memory.
+pub fn reset(stream: TcpStream) -> Result<()> {
+    Socket::from(stream)
+        .set_linger(Some(Duration::ZERO))
+        .context("setting SO_LINGER")
 }

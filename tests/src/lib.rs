@@ -1,8 +1,11 @@
 //! The test lab: network namespaces and veth pairs behind RAII guards, a
 //! pausing SMTP test server, clients of every kind, crafted packets, and the
-//! daemon run as a child process. Used by `tests/tests/*.rs` and the demo.
+//! daemon run as a child process. Used by `tests/tests/*.rs`, the demo and
+//! the benchmark.
 
+pub mod bench;
 pub mod daemon;
+pub mod fail2ban;
 pub mod flood;
 pub mod lab;
 pub mod mta;

@@ -1,5 +1,14 @@
 //! Looking at nftables inside a lab namespace the way an admin would: `nft
-//! list` text for byte-for-byte comparisons, `nft -j` for the ban sets.
+//! list` text for byte-for-byte comparisons, `nft -j` for the ban sets, and
+//! `nft monitor` for when each element went in.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -92,4 +101,228 @@ pub fn add_unrelated_table(ns: &Netns) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+/// One element added to a set, as `nft monitor` reported it.
+#[derive(Clone, Debug)]
+pub struct Added {
+    /// When the monitor's line arrived here.
+    pub at: Instant,
+    pub table: String,
+    pub set: String,
+    /// The element's key as nft prints it (`2001:db8::1`, `198.51.100.0/24`).
+    pub element: String,
+}
+
+#[derive(Default)]
+struct Seen {
+    added: Vec<Added>,
+    /// Committed transactions (`# new generation ...` lines), each with the
+    /// number of elements added before it.
+    generations: Vec<usize>,
+    /// Any other line (the probe, tables, chains) and stderr.
+    other: Vec<String>,
+}
+
+/// `nft monitor` running in a namespace: every element added to any set,
+/// stamped the moment nft prints it, so "banned" means "seen by nft" without
+/// polling. Stopped on drop.
+pub struct Monitor {
+    child: Child,
+    seen: Arc<(Mutex<Seen>, Condvar)>,
+}
+
+/// The table the monitor's readiness probe creates and deletes.
+const PROBE_TABLE: &str = "spamdelay_monitor_probe";
+
+impl Monitor {
+    /// Starts `nft monitor` in `ns` and returns once it demonstrably listens
+    /// (it has reported a probe table created after it started).
+    pub fn start(ns: &Netns) -> Result<Monitor> {
+        let mut child = ns
+            .command("nft")
+            .arg("monitor")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting nft monitor (apt-get install nftables)")?;
+        let seen: Arc<(Mutex<Seen>, Condvar)> = Arc::default();
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let seen = seen.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let at = Instant::now();
+                    let (lock, grew) = &*seen;
+                    let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some((table, set, element)) = parse_added(&line) {
+                        s.added.push(Added {
+                            at,
+                            table,
+                            set,
+                            element,
+                        });
+                    } else if line.starts_with("# new generation") {
+                        let n = s.added.len();
+                        s.generations.push(n);
+                    } else {
+                        s.other.push(line);
+                    }
+                    grew.notify_all();
+                }
+            });
+        }
+        let monitor = Monitor { child, seen };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            nft(ns, &["add", "table", "inet", PROBE_TABLE])?;
+            nft(ns, &["delete", "table", "inet", PROBE_TABLE])?;
+            if monitor.wait(Duration::from_millis(200), |s| {
+                s.other.iter().any(|l| l.contains(PROBE_TABLE))
+            }) {
+                return Ok(monitor);
+            }
+            if Instant::now() > deadline {
+                bail!("nft monitor reported nothing for 10 s");
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for `done` to hold; whether it did.
+    fn wait(&self, timeout: Duration, done: impl Fn(&Seen) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lock, grew) = &*self.seen;
+        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if done(&s) {
+                return true;
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            s = grew
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits up to `timeout` until `count` elements were added to `table`,
+    /// or until none was for `quiet`; returns how many were.
+    pub fn wait_added(
+        &self,
+        table: &str,
+        count: usize,
+        timeout: Duration,
+        quiet: Duration,
+    ) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let before = self.added_to(table);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if before >= count || left.is_zero() {
+                return before;
+            }
+            let grew = self.wait(quiet.min(left), |s| {
+                s.added.iter().filter(|a| a.table == table).count() > before
+            });
+            if !grew {
+                return self.added_to(table);
+            }
+        }
+    }
+
+    fn added_to(&self, table: &str) -> usize {
+        let (lock, _) = &*self.seen;
+        let s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.added.iter().filter(|a| a.table == table).count()
+    }
+
+    /// Every element added so far, in order.
+    pub fn added(&self) -> Vec<Added> {
+        let (lock, _) = &*self.seen;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).added.clone()
+    }
+
+    /// Committed transactions that added at least one element to `table`.
+    pub fn transactions_adding_to(&self, table: &str) -> usize {
+        let (lock, _) = &*self.seen;
+        let s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut from = 0;
+        let mut count = 0;
+        for &to in &s.generations {
+            if s.added[from..to].iter().any(|a| a.table == table) {
+                count += 1;
+            }
+            from = to;
+        }
+        count
+    }
+
+    /// Lines that were neither elements nor generations (errors included).
+    pub fn other_lines(&self) -> Vec<String> {
+        let (lock, _) = &*self.seen;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).other.clone()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `add element inet spamdelay early_talkers_v6 { 2001:db8::1 timeout 1h ... }`
+/// to (table, set, element); nft prints one line per element.
+fn parse_added(line: &str) -> Option<(String, String, String)> {
+    let rest = line.strip_prefix("add element ")?;
+    let mut words = rest.split(' ');
+    let _family = words.next()?;
+    let table = words.next()?;
+    let set = words.next()?;
+    if words.next()? != "{" {
+        return None;
+    }
+    let element = words.next()?.trim_end_matches(',');
+    Some((table.to_string(), set.to_string(), element.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monitor_lines_name_table_set_and_element() {
+        let line = r#"add element inet spamdelay early_talkers_v6 { 2001:db8::8000:5:0:1 timeout 1h expires 1h comment "early-talk 20B after 0.00s: EHLO x\r\n" }"#;
+        assert_eq!(
+            parse_added(line),
+            Some((
+                "spamdelay".into(),
+                "early_talkers_v6".into(),
+                "2001:db8::8000:5:0:1".into()
+            ))
+        );
+        assert_eq!(
+            parse_added("add element inet f2b-table addr6-set-postfix { 2001:db8::1 }"),
+            Some((
+                "f2b-table".into(),
+                "addr6-set-postfix".into(),
+                "2001:db8::1".into()
+            ))
+        );
+        assert_eq!(parse_added("add table inet spamdelay"), None);
+    }
 }

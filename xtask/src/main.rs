@@ -1,4 +1,4 @@
-//! Developer workflows: `cargo xtask build-ebpf | build | run | test | lint | demo`.
+//! Developer workflows: `cargo xtask build-ebpf | build | run | test | lint | demo | bench`.
 //! The kernel object needs nightly, rust-src and bpf-linker; this installs them
 //! when they are missing so a fresh machine needs nothing but rustup.
 
@@ -52,6 +52,13 @@ enum Cmd {
     /// A throwaway namespace lab: a pausing SMTP server, a patient client and
     /// a blind sender, with the daemon attached and its verdicts shown.
     Demo,
+    /// Build everything in release mode and benchmark it in a namespace lab:
+    /// a markdown table on stdout, JSON in target/bench/.
+    Bench {
+        /// Fewer rounds and clients (about a minute instead of 10).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -97,6 +104,28 @@ fn xtask(cmd: Cmd) -> Result<()> {
                     "spamdelay-demo",
                 ])
                 .env("SPAMDELAY_BIN", target_dir().join("debug/spamdelay")))
+        }
+        Cmd::Bench { quick } => {
+            // Release throughout: the kernel object always is, and a debug
+            // daemon would measure the wrong thing.
+            build(true)?;
+            let mut cmd = cargo();
+            cmd.args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "spamdelay-tests",
+                "--bin",
+                "spamdelay-bench",
+                "--",
+            ]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(cmd
+                .env("SPAMDELAY_BIN", target_dir().join("release/spamdelay"))
+                .env("SPAMDELAY_BENCH_DIR", target_dir().join("bench")))
         }
     }
 }

@@ -140,6 +140,11 @@ impl Postfix {
         &self.config
     }
 
+    /// The log file (`maillog_file`), for tools that follow it (fail2ban).
+    pub fn log_path(&self) -> PathBuf {
+        self.root.path().join("log/maillog")
+    }
+
     /// Everything logged so far (`maillog_file`, written by postlogd).
     pub fn log(&self) -> String {
         fs::read_to_string(self.root.path().join("log/maillog")).unwrap_or_default()

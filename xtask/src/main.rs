@@ -1,4 +1,4 @@
-//! Developer workflows: `cargo xtask build-ebpf | build | run | test | lint | demo | bench`.
+//! Developer workflows: `cargo xtask build-ebpf | build | run | test | lint | setup | demo | bench`.
 //! The kernel object needs nightly, rust-src and bpf-linker; this installs them
 //! when they are missing so a fresh machine needs nothing but rustup.
 
@@ -10,6 +10,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod setup;
 
 /// The bpf-linker that works with the nightly toolchain's own LLVM here.
 const BPF_LINKER: &str = "bpf-linker@0.10.3";
@@ -49,6 +51,9 @@ enum Cmd {
     },
     /// cargo fmt --check and clippy -D warnings on the userspace crates.
     Lint,
+    /// Install what the tests and the demo use (Debian packages, the MTAs);
+    /// `test` and `demo` run it first.
+    Setup,
     /// A throwaway namespace lab: a pausing SMTP server, a patient client and
     /// a blind sender, with the daemon attached and its verdicts shown.
     Demo,
@@ -80,7 +85,9 @@ fn xtask(cmd: Cmd) -> Result<()> {
             let bin = target_dir().join(profile(release)).join("spamdelay");
             run(Command::new(bin).args(args))
         }
+        Cmd::Setup => setup::setup(&workspace_root()),
         Cmd::Test { args } => {
+            setup::setup(&workspace_root())?;
             build(false)?;
             run(cargo()
                 .args(["test", "--no-fail-fast"])
@@ -93,6 +100,7 @@ fn xtask(cmd: Cmd) -> Result<()> {
             run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
         }
         Cmd::Demo => {
+            setup::setup(&workspace_root())?;
             build(false)?;
             run(cargo()
                 .args([

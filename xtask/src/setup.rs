@@ -1,0 +1,81 @@
+//! `cargo xtask setup`: the machine-level things the tests and the demo use
+//! (Debian packages, and the MTAs the end-to-end tests run). Idempotent and
+//! quick when all is there; `test` and `demo` run it first, so a fresh
+//! machine needs nothing but the two README commands.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages, each with a file that shows it is installed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("nftables", "/usr/sbin/nft"),
+    ("iproute2", "/usr/sbin/ip"),
+    ("swaks", "/usr/bin/swaks"),
+    // swaks speaks IPv6 only with it.
+    (
+        "libio-socket-inet6-perl",
+        "/usr/share/perl5/IO/Socket/INET6.pm",
+    ),
+    // setpriv, for the no-privilege test.
+    ("util-linux", "/usr/bin/setpriv"),
+];
+
+/// Installs what is missing. Without root it only says what is missing: the
+/// privileged tests then skip loudly.
+pub fn setup(root: &Path) -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !is_root {
+        if !missing.is_empty() {
+            eprintln!(
+                "xtask: missing {} (as root: apt-get install {})",
+                missing.join(", "),
+                missing.join(" ")
+            );
+        }
+        return Ok(());
+    }
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let scripts = root.join("tests/mta");
+    let mut installers: Vec<_> = std::fs::read_dir(&scripts)
+        .with_context(|| format!("listing {}", scripts.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("install-") && n.ends_with(".sh"))
+        })
+        .collect();
+    installers.sort();
+    for script in installers {
+        run(Command::new("bash").arg(&script))
+            .with_context(|| format!("running {}", script.display()))?;
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed ({status})", cmd.get_program());
+    }
+    Ok(())
+}

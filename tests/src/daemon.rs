@@ -2,7 +2,6 @@
 //! log lines collected for assertions. Killed on drop if still running.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::PathBuf,
     process::{Child, ExitStatus, Stdio},
@@ -68,30 +67,14 @@ impl Daemon {
             .spawn()
             .with_context(|| format!("starting {}", binary().display()))?;
         let log = Arc::new(Log::default());
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let log = log.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    log.lines
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(line);
-                    log.grew.notify_all();
-                }
-            });
-        }
+        let sink = log.clone();
+        crate::read_lines(&mut child, move |line, _| {
+            sink.lines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(line);
+            sink.grew.notify_all();
+        });
         let mut d = Daemon { child, log, state };
         if d.wait_for(|l| l.starts_with("watching port"), Duration::from_secs(30))
             .is_none()

@@ -41,3 +41,31 @@ pub fn until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool
     }
     done()
 }
+
+/// Starts one thread per output pipe of `child` (stdout, stderr) that hands
+/// each line to `each`, with the moment it arrived.
+pub fn read_lines(
+    child: &mut std::process::Child,
+    each: impl Fn(String, std::time::Instant) + Send + Sync + 'static,
+) {
+    use std::io::BufRead;
+    let each = std::sync::Arc::new(each);
+    let pipes: [Option<Box<dyn std::io::Read + Send>>; 2] = [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ];
+    for pipe in pipes.into_iter().flatten() {
+        let each = each.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                each(line, std::time::Instant::now());
+            }
+        });
+    }
+}

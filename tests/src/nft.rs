@@ -3,10 +3,8 @@
 //! `nft monitor` for when each element went in.
 
 use std::{
-    io::{BufRead, BufReader},
     process::{Child, Stdio},
     sync::{Arc, Condvar, Mutex},
-    thread,
     time::{Duration, Instant},
 };
 
@@ -148,42 +146,25 @@ impl Monitor {
             .spawn()
             .context("starting nft monitor (apt-get install nftables)")?;
         let seen: Arc<(Mutex<Seen>, Condvar)> = Arc::default();
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let seen = seen.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let at = Instant::now();
-                    let (lock, grew) = &*seen;
-                    let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some((table, set, element)) = parse_added(&line) {
-                        s.added.push(Added {
-                            at,
-                            table,
-                            set,
-                            element,
-                        });
-                    } else if line.starts_with("# new generation") {
-                        let n = s.added.len();
-                        s.generations.push(n);
-                    } else {
-                        s.other.push(line);
-                    }
-                    grew.notify_all();
-                }
-            });
-        }
+        let sink = seen.clone();
+        crate::read_lines(&mut child, move |line, at| {
+            let (lock, grew) = &*sink;
+            let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((table, set, element)) = parse_added(&line) {
+                s.added.push(Added {
+                    at,
+                    table,
+                    set,
+                    element,
+                });
+            } else if line.starts_with("# new generation") {
+                let n = s.added.len();
+                s.generations.push(n);
+            } else {
+                s.other.push(line);
+            }
+            grew.notify_all();
+        });
         let monitor = Monitor { child, seen };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

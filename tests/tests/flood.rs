@@ -9,7 +9,7 @@ use std::{
 };
 
 use spamdelay_tests::{
-    daemon::{Daemon, counter},
+    daemon::{Daemon, ban_batches, counter},
     flood::{self, SilentServer},
     lab::{CLIENT_IF, Lab, SERVER_IF, SERVER_V6},
     nft, privileged,
@@ -32,23 +32,6 @@ const BAN_WAIT: Duration = Duration::from_secs(60);
 /// 5,000 MLD joins make adding them take ~7 s instead of ~0.3 s.
 fn flood_addr(i: u16) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 1, i, 0, 1)
-}
-
-/// Batches the daemon applied: each logs its verdicts, then its `ban` lines,
-/// then makes one nft transaction, so every run of `ban` lines is one.
-fn ban_batches(lines: &[String]) -> usize {
-    let mut runs = 0;
-    let mut in_run = false;
-    for l in lines {
-        let ban = l.starts_with("ban [");
-        if ban && !in_run {
-            runs += 1;
-        }
-        if ban || l.starts_with("EARLY-TALK") {
-            in_run = ban;
-        }
-    }
-    runs
 }
 
 /// What the log says so far, for failure messages.

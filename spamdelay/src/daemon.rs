@@ -96,6 +96,8 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
             ipv6_prefix: args.ipv6_prefix,
         },
         dry_run: args.dry_run,
+        saved_at: None,
+        unsaved: false,
         pass_cache: args.pass_cache.clone().map(|file| {
             PassCache::open(
                 file,

@@ -30,7 +30,16 @@ pub struct Enforcer {
     pub table: TableSettings,
     pub dry_run: bool,
     pub pass_cache: Option<PassCache>,
+    /// When the register was last written, and whether bans since are not.
+    pub saved_at: Option<std::time::Instant>,
+    pub unsaved: bool,
 }
+
+/// A register this big is written at most every `SAVE_EVERY` (each write is
+/// the whole file, fsynced); a smaller one after every batch. Bans are in
+/// nftables at once either way: the register is what a reboot restores from.
+const SAVE_ANYWAY_BELOW: usize = 10_000;
+const SAVE_EVERY: Duration = Duration::from_millis(500);
 
 /// `[198.51.100.7]` for an address, `[2001:db8::]/64` for a network.
 pub fn show(cidr: &Cidr) -> String {
@@ -93,7 +102,12 @@ impl Enforcer {
         loop {
             tokio::select! {
                 first = reports.recv() => {
-                    let Some(first) = first else { return };
+                    let Some(first) = first else {
+                        if let Err(e) = self.save_register() {
+                            error!("writing the ban register: {e:#}");
+                        }
+                        return;
+                    };
                     let mut batch = collect_batch(first, &mut reports);
                     for r in &mut batch {
                         r.pause = self.policy.greet_pause;
@@ -104,6 +118,9 @@ impl Enforcer {
                     }
                 }
                 _ = heal.tick(), if !self.dry_run => {
+                    if let Err(e) = self.save_register() {
+                        error!("writing the ban register: {e:#}");
+                    }
                     if let Err(e) = self.heal().await {
                         error!("checking table inet spamdelay: {e:#}");
                     }
@@ -130,7 +147,7 @@ impl Enforcer {
     }
 
     /// Sentences a batch of verdicts and applies the bans in one transaction.
-    async fn punish(&self, batch: &[Report]) -> Result<()> {
+    async fn punish(&mut self, batch: &[Report]) -> Result<()> {
         // Log every verdict first: the log is the record even if nft fails.
         for r in batch {
             info!("{r}");
@@ -183,8 +200,29 @@ impl Enforcer {
                 locked.register.bans.insert(cidr, ban);
             }
         }
-        locked.register.forget_expired(now);
-        locked.save()
+        let due = self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
+        if locked.register.bans.len() < SAVE_ANYWAY_BELOW || due {
+            locked.register.forget_expired(now);
+            locked.save()?;
+            self.saved_at = Some(std::time::Instant::now());
+            self.unsaved = false;
+        } else {
+            self.unsaved = true;
+        }
+        Ok(())
+    }
+
+    /// Writes bans a busy flood left unsaved.
+    fn save_register(&mut self) -> Result<()> {
+        if !self.unsaved {
+            return Ok(());
+        }
+        let (mut locked, _) = self.store.lock()?;
+        locked.register.forget_expired(bans::now());
+        locked.save()?;
+        self.saved_at = Some(std::time::Instant::now());
+        self.unsaved = false;
+        Ok(())
     }
 
     /// Rebuilds the table if someone removed it.

@@ -114,6 +114,7 @@ fn xtask(cmd: Cmd) -> Result<()> {
                 .env("SPAMDELAY_BIN", target_dir().join("debug/spamdelay")))
         }
         Cmd::Bench { quick } => {
+            setup::setup_bench(&workspace_root())?;
             // Release throughout: the kernel object always is, and a debug
             // daemon would measure the wrong thing.
             build(true)?;

@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: the machine-level things the tests and the demo use
 //! (Debian packages, and the MTAs the end-to-end tests run). Idempotent and
-//! quick when all is there; `test` and `demo` run it first, so a fresh
-//! machine needs nothing but the two README commands.
+//! quick when all is there; `test`, `demo` and `bench` run it first, so a
+//! fresh machine needs nothing but the README's commands.
 
 use std::{path::Path, process::Command};
 
@@ -21,36 +21,21 @@ const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/setpriv"),
 ];
 
+/// What `cargo xtask bench` uses on top: iperf3, and fail2ban to compare with.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("iperf3", "/usr/bin/iperf3"),
+    ("fail2ban", "/usr/bin/fail2ban-server"),
+    (
+        "python3-pyinotify",
+        "/usr/lib/python3/dist-packages/pyinotify.py",
+    ),
+];
+
 /// Installs what is missing. Without root it only says what is missing: the
 /// privileged tests then skip loudly.
 pub fn setup(root: &Path) -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(_, f)| !Path::new(f).exists())
-        .map(|(p, _)| *p)
-        .collect();
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !is_root {
-        if !missing.is_empty() {
-            eprintln!(
-                "xtask: missing {} (as root: apt-get install {})",
-                missing.join(", "),
-                missing.join(" ")
-            );
-        }
+    if !install(PACKAGES)? {
         return Ok(());
-    }
-    if !missing.is_empty() {
-        eprintln!("xtask: installing {}", missing.join(" "));
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     let scripts = root.join("tests/mta");
     let mut installers: Vec<_> = std::fs::read_dir(&scripts)
@@ -68,6 +53,46 @@ pub fn setup(root: &Path) -> Result<()> {
             .with_context(|| format!("running {}", script.display()))?;
     }
     Ok(())
+}
+
+/// `setup`, plus what the benchmark needs.
+pub fn setup_bench(root: &Path) -> Result<()> {
+    install(BENCH_PACKAGES)?;
+    setup(root)
+}
+
+/// Installs the missing packages as root; false when not root (and then
+/// only says what is missing).
+fn install(packages: &[(&str, &str)]) -> Result<bool> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !is_root {
+        if !missing.is_empty() {
+            eprintln!(
+                "xtask: missing {} (as root: apt-get install {})",
+                missing.join(", "),
+                missing.join(" ")
+            );
+        }
+        return Ok(false);
+    }
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(true)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

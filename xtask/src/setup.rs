@@ -5,7 +5,9 @@
 
 use std::{path::Path, process::Command};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+
+use crate::run;
 
 /// Debian packages, each with a file that shows it is installed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -93,14 +95,4 @@ fn install(packages: &[(&str, &str)]) -> Result<bool> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     Ok(true)
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !status.success() {
-        bail!("{:?} failed ({status})", cmd.get_program());
-    }
-    Ok(())
 }

@@ -24,6 +24,21 @@ fn error_line(out: &Output) -> String {
     line.map(|l| l.to_string()).unwrap_or_default()
 }
 
+/// spamdelay run as nobody with no capabilities (from root, via setpriv).
+fn as_nobody(args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(binary())
+        .args(args)
+        .output()
+        .expect("running setpriv (util-linux)")
+}
+
 #[test]
 fn unknown_interface_is_named() {
     let line = error_line(&spamdelay(&["run", "--iface", "nosuchif0"]));
@@ -79,19 +94,7 @@ fn missing_privilege_says_how_to_get_it() {
         assert!(line.contains("not enough privilege"), "{line}");
         return;
     }
-    // As root, drop to nobody with no capabilities.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(binary())
-        .args(["run", "--iface", "lo"])
-        .output()
-        .expect("running setpriv (util-linux)");
-    let line = error_line(&out);
+    let line = error_line(&as_nobody(&["run", "--iface", "lo"]));
     assert!(
         line.starts_with("spamdelay: error: not enough privilege (missing CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON): run spamdelay as root"),
         "{line}"
@@ -171,19 +174,12 @@ fn admin_commands_without_privilege_say_how_to_get_it() {
         return;
     }
     for args in [["ban", "198.51.100.7"], ["unban", "198.51.100.7"]] {
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--inh-caps=-all",
-            ])
-            .arg(binary())
-            .args(["--state-dir", "/nonexistent/spamdelay"])
-            .args(args)
-            .output()
-            .expect("running setpriv (util-linux)");
-        let line = error_line(&out);
+        let line = error_line(&as_nobody(&[
+            "--state-dir",
+            "/nonexistent/spamdelay",
+            args[0],
+            args[1],
+        ]));
         assert_eq!(
             line,
             "spamdelay: error: not enough privilege (missing CAP_NET_ADMIN): run as root, or grant CAP_NET_ADMIN to manage table inet spamdelay"

@@ -11,7 +11,7 @@ pub mod stats;
 extern crate std;
 
 pub use event::{Event, Verdict};
-pub use flow::{FAMILY_V4, FAMILY_V6, Flow, FlowKey};
+pub use flow::{ClientAddr, FAMILY_V4, FAMILY_V6, Flow, FlowKey};
 pub use greeting::GreetingScanner;
 pub use stats::Stat;
 

@@ -10,8 +10,9 @@ pub enum Stat {
     EarlyTalk,
     Quit,
     Pass,
-    /// Client payload that arrived on no verified flow (forged, out of
-    /// window, or on a flow older than the daemon): never a verdict.
+    /// Client payload the server's TCP would not deliver now: on no verified
+    /// flow (forged, or older than the daemon), with a bad ACK, out of
+    /// window or out of order. Never a verdict.
     UnverifiedPayload,
     /// Flows of allowlisted clients, never followed.
     Allowlisted,
@@ -24,11 +25,19 @@ pub enum Stat {
     LostSync,
     /// Flows the server closed before its greeting completed.
     ServerClosed,
-    /// PIPECONNECT `EHLO` lines let through ahead of the greeting.
-    EarlyEhlo,
+    /// Early talk forgiven to a PIPECONNECT client that passed before.
+    Pipeconnect,
+    /// Early talk that was exactly a known harmless probe.
+    Probe,
+    /// Early bytes judged from the first fragment of a fragmented segment.
+    Fragments,
+    /// Packets to a watched port that could not be parsed far enough to
+    /// judge (over-long IPv6 extension header chains, an IPv4 first fragment
+    /// too short for the TCP header's ack and flags).
+    Unparsed,
 }
 
-pub const STAT_COUNT: u32 = Stat::EarlyEhlo as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::Unparsed as u32 + 1;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -43,7 +52,10 @@ impl Stat {
         Stat::FlowInsertFailed,
         Stat::LostSync,
         Stat::ServerClosed,
-        Stat::EarlyEhlo,
+        Stat::Pipeconnect,
+        Stat::Probe,
+        Stat::Fragments,
+        Stat::Unparsed,
     ];
 
     /// The counter's name in `status` output and logs.
@@ -60,7 +72,10 @@ impl Stat {
             Stat::FlowInsertFailed => "flow_insert_failed",
             Stat::LostSync => "lost_sync",
             Stat::ServerClosed => "server_closed",
-            Stat::EarlyEhlo => "early_ehlo",
+            Stat::Pipeconnect => "pipeconnect",
+            Stat::Probe => "probe",
+            Stat::Fragments => "fragments",
+            Stat::Unparsed => "unparsed",
         }
     }
 }

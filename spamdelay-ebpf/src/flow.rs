@@ -1,27 +1,84 @@
-//! The per-flow state machine: handshake verification on the server's SYN-ACK
-//! and the client's ACK, then one verdict (EARLY-TALK, QUIT, PASS) per flow.
+//! The per-flow state machine: a handshake verified from the server's SYN-ACK
+//! and the client's ACK, then one verdict (EARLY-TALK, QUIT, PASS, or a
+//! forgiven PIPECONNECT) per flow, judged on what the server's TCP accepts.
+//!
+//! # What the server's TCP accepts (Linux 6.x, RFC 793/5961)
+//!
+//! Let C be the server's `rcv_nxt` (the client's next in-order byte: its ISN
+//! plus one, plus any SYN data the SYN-ACK acknowledged), I the server's ISN
+//! and S the server's `snd_nxt` (I+1 plus the greeting bytes it has sent).
+//! Until the greeting is complete the client has sent nothing, so C is also
+//! the server's `rcv_wup`. Then:
+//!
+//! - **Handshake** (`tcp_check_req`): the ACK completing it must carry the
+//!   ACK flag, no SYN and no RST, ack = I+1 exactly, and lie in the window
+//!   the SYN-ACK offered (`tcp_in_window`: seq = C, or it ends after C and
+//!   starts before C+window). An RST in that window resets the embryonic
+//!   connection instead.
+//! - **Data** after it (`tcp_validate_incoming`, `tcp_ack`,
+//!   `tcp_data_queue`): a segment without the ACK flag is dropped
+//!   (`TCP_FLAGS`); one whose ack is after S acknowledges unsent data and is
+//!   dropped; one whose ack is before `snd_una - min(max_window,
+//!   bytes_acked)` is dropped (RFC 5961 5.2) - before the greeting has been
+//!   acknowledged that bound is `snd_una` itself, so together: ack in
+//!   [I+1, S]. Any SYN is answered with a challenge ACK and dropped. Of what
+//!   is left, bytes up to C are old (trimmed or dropped as duplicates) and
+//!   bytes from C on are new: a segment with seq <= C < seq+len delivers
+//!   seq+len-C bytes to the MTA now, at once. A segment starting after C is
+//!   held out of order and delivered only when the gap is filled - by an
+//!   in-order segment, which is judged then. So **early talk is in-order new
+//!   data with an acceptable ACK**, counted from C.
+//! - **RST**: only at seq = C exactly resets the connection (RFC 5961 3.2);
+//!   anywhere else in the window it draws a challenge ACK, outside it is
+//!   dropped. The ACK flag and number do not matter. So a QUIT by RST needs
+//!   seq = C.
+//! - **FIN**: processed only in order, once every byte before it arrived:
+//!   at seq+len = C, with an acceptable ACK. An out-of-order FIN is queued
+//!   and never ends the connection while the gap stays.
+//! - **Fragments**: the IP layer joins them before TCP. The first fragment
+//!   carries the TCP header, so the same rules apply to it, and in-order
+//!   data (seq <= C) in a fragmented segment is early talk: the fragments
+//!   after the first are TCP payload. An IPv4 first fragment too short for
+//!   the ack and flags (a "tiny fragment") counts only at seq = C exactly,
+//!   as hard to guess as an ack.
+//! - **Fast Open**: SYN data that the SYN-ACK acknowledges (ack = client
+//!   ISN+1+len) was queued to the MTA with the SYN itself; it is early talk
+//!   once the handshake is verified.
+//!
+//! An off-path forger who knows the client's address and port but not the
+//! sequence numbers must therefore guess a 32-bit ack exactly (and a seq at
+//! or below C within the segment's length) to forge talk, and a 32-bit seq
+//! exactly to forge a quit. The TCP checksum is not verified here: a forger
+//! computes it anyway, and a client that sends itself a bad one is only
+//! ever judged on bytes its own ACK vouches for.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
 use spamdelay_common::{
-    Event, FAMILY_V4, Flow, FlowKey, PAYLOAD_CAPTURE, Stat, Verdict,
-    flow::{FLAG_EARLY_EHLO, STATE_DONE, STATE_GREETING, STATE_HANDSHAKE},
+    ClientAddr, Event, FAMILY_V4, Flow, FlowKey, PAYLOAD_CAPTURE, Stat, Verdict,
+    event::{HOW_FRAGMENT, HOW_SYN},
+    flow::{
+        FLAG_PROBED, HalfOpen, PIPECONNECT_ALL, PIPECONNECT_LISTED, ProbeKey, STATE_DONE,
+        STATE_GREETING, SynData,
+    },
+    greeting::seq_after,
 };
 
 use crate::{
-    greeting::is_one_ehlo_line,
     greeting::{Scan, scan_greeting},
-    maps::{ALLOW_V4, ALLOW_V6, EVENTS, FLOWS, count, pipeconnect},
-    parse::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{
+        ALLOW_V4, ALLOW_V6, EVENTS, FLOWS, HALF_OPEN, PASSERS, PIPE_V4, PIPE_V6, PROBES, SYN_DATA,
+        count, pass_ttl_ns, pipeconnect_mode,
+    },
+    parse::{Part, Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, payload_bytes},
     trace::{GiveUp, given_up},
 };
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
-
-/// How far past the client's first byte a segment may start and still be
-/// believed. Before the greeting an honest client has sent next to nothing,
-/// so an off-path forger must guess the sequence number to within this.
-const CLIENT_SEQ_WINDOW: u32 = 1 << 16;
 
 fn key(client: &[u8; 16], server: &[u8; 16], cport: u16, sport: u16, family: u8) -> FlowKey {
     FlowKey {
@@ -34,13 +91,25 @@ fn key(client: &[u8; 16], server: &[u8; 16], cport: u16, sport: u16, family: u8)
     }
 }
 
+/// `a` is at or before `b` in sequence space.
+#[inline(always)]
+fn not_after(a: u32, b: u32) -> bool {
+    !seq_after(a, b)
+}
+
+/// Linux's `tcp_in_window`: does [seq, end) fall in the window [s, e]?
+#[inline(always)]
+fn in_window(seq: u32, end: u32, s: u32, e: u32) -> bool {
+    seq == s || (seq_after(end, s) && seq_after(e, seq)) || (seq == e && seq == end)
+}
+
 /// A segment leaving the server (tc egress).
 #[inline(always)]
 pub fn from_server(ctx: &TcContext, seg: &Segment) {
     count(Stat::Packets);
     let key = key(&seg.dst, &seg.src, seg.dport, seg.sport, seg.family);
     if seg.has(TCP_SYN) {
-        if seg.has(TCP_ACK) {
+        if seg.has(TCP_ACK) && !seg.fragment() {
             syn_ack(ctx, &key, seg);
         }
         return;
@@ -50,10 +119,20 @@ pub fn from_server(ctx: &TcContext, seg: &Segment) {
     };
     let flow = unsafe { &mut *flow };
     let closing = seg.has(TCP_FIN) || seg.has(TCP_RST);
-    if flow.state == STATE_GREETING && seg.payload_len > 0 {
-        match scan_greeting(ctx, seg, flow) {
+    if flow.state == STATE_GREETING && (seg.payload_len > 0 || seg.fragment()) {
+        // The server's own segments are never fragmented in practice (it
+        // sizes them by path MTU); one that is cannot be followed byte by byte.
+        let scan = if seg.fragment() {
+            Scan::LostSync
+        } else {
+            scan_greeting(ctx, seg, flow)
+        };
+        match scan {
             Scan::Complete => {
-                emit(ctx, &key, flow, Verdict::Pass, None);
+                if flow.flags & FLAG_PROBED == 0 {
+                    emit(ctx, &key, flow, Verdict::Pass, None, 0);
+                    remember_pass(&key);
+                }
                 flow.state = STATE_DONE;
             }
             Scan::Incomplete => {}
@@ -72,31 +151,38 @@ pub fn from_server(ctx: &TcContext, seg: &Segment) {
     }
 }
 
-/// The server answers a SYN: a flow starts (or a retransmitted SYN-ACK repeats).
+/// The server answers a SYN: a handshake starts (or its SYN-ACK is resent).
 #[inline(always)]
 fn syn_ack(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
-    if let Some(old) = FLOWS.get_ptr(key) {
-        let old = unsafe { &*old };
-        if old.server_isn == seg.seq && old.state != STATE_HANDSHAKE {
+    if let Some(old) = HALF_OPEN.get_ptr(key) {
+        if unsafe { (*old).server_isn } == seg.seq {
             return;
         }
     }
-    let state = if allowlisted(key) {
-        count(Stat::Allowlisted);
-        STATE_DONE
-    } else {
-        STATE_HANDSHAKE
-    };
-    let flow = Flow {
-        verified_ns: 0,
+    // The server answers a SYN on a connection it has with a challenge ACK,
+    // never a SYN-ACK: whatever was followed under this key is over.
+    let _ = FLOWS.remove(key);
+    let mut half = HalfOpen {
         server_isn: seg.seq,
         client_next: seg.ack,
-        server_next: seg.seq.wrapping_add(1),
-        state,
-        flags: 0,
-        scanner: Default::default(),
+        window: seg.window as u32,
+        syn_data: 0,
+        allowlisted: 0,
+        _pad: [0; 7],
     };
-    if FLOWS.insert(key, &flow, 0).is_err() {
+    if allowlisted(key) {
+        count(Stat::Allowlisted);
+        half.allowlisted = 1;
+    } else if let Some(syn) = SYN_DATA.get_ptr(key) {
+        let syn = unsafe { &*syn };
+        // Fast Open data taken with the SYN: the SYN-ACK acknowledges it.
+        if syn.len > 0 && seg.ack == syn.isn.wrapping_add(1).wrapping_add(syn.len) {
+            half.syn_data = syn.len;
+        } else {
+            let _ = SYN_DATA.remove(key);
+        }
+    }
+    if HALF_OPEN.insert(key, &half, 0).is_err() {
         count(Stat::FlowInsertFailed);
         given_up(ctx, key, GiveUp::TableFull);
     }
@@ -106,13 +192,9 @@ fn syn_ack(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
 fn allowlisted(key: &FlowKey) -> bool {
     if key.family == FAMILY_V4 {
         let addr = [key.client[0], key.client[1], key.client[2], key.client[3]];
-        ALLOW_V4
-            .get(aya_ebpf::maps::lpm_trie::Key::new(32, addr))
-            .is_some()
+        ALLOW_V4.get(Key::new(32, addr)).is_some()
     } else {
-        ALLOW_V6
-            .get(aya_ebpf::maps::lpm_trie::Key::new(128, key.client))
-            .is_some()
+        ALLOW_V6.get(Key::new(128, key.client)).is_some()
     }
 }
 
@@ -121,76 +203,331 @@ fn allowlisted(key: &FlowKey) -> bool {
 pub fn from_client(ctx: &TcContext, seg: &Segment) {
     count(Stat::Packets);
     let key = key(&seg.src, &seg.dst, seg.sport, seg.dport, seg.family);
-    let Some(flow) = FLOWS.get_ptr_mut(&key) else {
-        if seg.payload_len > 0 {
-            count(Stat::UnverifiedPayload);
+    if seg.has(TCP_SYN) {
+        // A SYN opening a connection may carry Fast Open data; on a known
+        // connection any SYN draws a challenge ACK and is dropped.
+        if !seg.has(TCP_ACK) && seg.payload_len > 0 && seg.part == Part::Whole {
+            syn_with_data(ctx, &key, seg);
         }
         return;
-    };
-    let flow = unsafe { &mut *flow };
-    let closing = seg.has(TCP_FIN) || seg.has(TCP_RST);
-
-    if flow.state == STATE_HANDSHAKE {
-        // Verified only by the ACK that completes this very handshake: it
-        // acknowledges the server's ISN and continues the client's sequence.
-        let verifies = seg.has(TCP_ACK)
-            && !seg.has(TCP_SYN)
-            && !seg.has(TCP_RST)
-            && seg.ack == flow.server_isn.wrapping_add(1)
-            && seg.seq == flow.client_next;
-        if !verifies {
-            if seg.payload_len > 0 {
-                count(Stat::UnverifiedPayload);
-            }
-            return;
-        }
-        flow.state = STATE_GREETING;
-        flow.verified_ns = unsafe { bpf_ktime_get_ns() };
-        count(Stat::FlowsTracked);
     }
-
-    if flow.state == STATE_GREETING {
-        // Offset of this segment from the client's first byte: in [0, window).
-        let believable = seg.seq.wrapping_sub(flow.client_next) < CLIENT_SEQ_WINDOW;
-        if !believable {
-            if seg.payload_len > 0 {
-                count(Stat::UnverifiedPayload);
-            }
-            return;
-        }
-        if seg.payload_len > 0 && !seg.has(TCP_RST) {
-            let first_bytes = seg.seq == flow.client_next && flow.flags & FLAG_EARLY_EHLO == 0;
-            if pipeconnect() && first_bytes && is_one_ehlo_line(ctx, seg) {
-                // Exim's PIPECONNECT: the EHLO may go ahead of the banner.
-                // Later client bytes are measured from its end, so its
-                // retransmission is never taken for more talk.
-                flow.flags |= FLAG_EARLY_EHLO;
-                flow.client_next = seg.seq.wrapping_add(seg.payload_len);
-                emit(ctx, &key, flow, Verdict::EarlyEhlo, Some(seg));
-            } else {
-                emit(ctx, &key, flow, Verdict::EarlyTalk, Some(seg));
-                flow.state = STATE_DONE;
-            }
-        }
-        if flow.state == STATE_GREETING && closing {
-            emit(ctx, &key, flow, Verdict::Quit, None);
-            flow.state = STATE_DONE;
-        }
+    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+        established(ctx, &key, unsafe { &mut *flow }, seg);
+        return;
     }
-
-    if closing && flow.state == STATE_DONE {
-        let _ = FLOWS.remove(&key);
+    if let Some(half) = HALF_OPEN.get_ptr(&key) {
+        let half = unsafe { *half };
+        handshake(ctx, &key, &half, seg);
+        return;
+    }
+    if seg.payload_len > 0 || seg.fragment() {
+        count(Stat::UnverifiedPayload);
     }
 }
 
-/// Writes a verdict to the ring buffer, with the client's first payload bytes.
+/// Keeps a data-carrying SYN's first bytes until its SYN-ACK says whether
+/// the server took them.
 #[inline(always)]
-fn emit(ctx: &TcContext, key: &FlowKey, flow: &Flow, verdict: Verdict, payload: Option<&Segment>) {
+fn syn_with_data(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
+    let mut syn = SynData {
+        isn: seg.seq,
+        len: seg.payload_len,
+        captured: 0,
+        _pad: [0; 7],
+        payload: [0; PAYLOAD_CAPTURE],
+    };
+    syn.captured = payload_bytes(ctx, seg.payload_off, seg.payload_len, &mut syn.payload);
+    let _ = SYN_DATA.insert(key, &syn, 0);
+}
+
+/// A client segment on a handshake in progress: is it the ACK that
+/// completes it, as `tcp_check_req` would take it?
+#[inline(always)]
+fn handshake(ctx: &TcContext, key: &FlowKey, half: &HalfOpen, seg: &Segment) {
+    let c = half.client_next;
+    let window_end = c.wrapping_add(half.window);
+    if seg.part == Part::TinyFragment {
+        count(Stat::Unparsed);
+        return;
+    }
+    if seg.has(TCP_RST) {
+        // An RST in the window resets the embryonic connection.
+        if (!seg.has(TCP_ACK) || seg.ack == half.server_isn.wrapping_add(1))
+            && in_window(seg.seq, seg.seq, c, window_end)
+        {
+            let _ = HALF_OPEN.remove(key);
+            let _ = SYN_DATA.remove(key);
+        }
+        return;
+    }
+    let mut end = seg.seq.wrapping_add(seg.payload_len);
+    if seg.has(TCP_FIN) || seg.fragment() {
+        // A FIN takes a sequence number; a fragment has more bytes to come.
+        end = end.wrapping_add(1);
+    }
+    let verifies = seg.has(TCP_ACK)
+        && seg.ack == half.server_isn.wrapping_add(1)
+        && in_window(seg.seq, end, c, window_end);
+    if !verifies {
+        if seg.payload_len > 0 || seg.fragment() {
+            count(Stat::UnverifiedPayload);
+        }
+        return;
+    }
+    let flow = Flow {
+        verified_ns: unsafe { bpf_ktime_get_ns() },
+        server_isn: half.server_isn,
+        client_next: c,
+        server_next: half.server_isn.wrapping_add(1),
+        state: if half.allowlisted != 0 {
+            STATE_DONE
+        } else {
+            STATE_GREETING
+        },
+        flags: 0,
+        scanner: Default::default(),
+    };
+    let _ = HALF_OPEN.remove(key);
+    if FLOWS.insert(key, &flow, 0).is_err() {
+        count(Stat::FlowInsertFailed);
+        given_up(ctx, key, GiveUp::TableFull);
+        return;
+    }
+    if half.allowlisted != 0 {
+        return;
+    }
+    count(Stat::FlowsTracked);
+    let Some(flow) = FLOWS.get_ptr_mut(key) else {
+        return;
+    };
+    let flow = unsafe { &mut *flow };
+    if half.syn_data > 0 {
+        let mut talk = Talk {
+            bytes: half.syn_data,
+            how: HOW_SYN,
+            captured: 0,
+            payload: [0; PAYLOAD_CAPTURE],
+        };
+        if let Some(syn) = SYN_DATA.get_ptr(key) {
+            let syn = unsafe { &*syn };
+            talk.captured = syn.captured;
+            talk.payload = syn.payload;
+        }
+        let _ = SYN_DATA.remove(key);
+        judge_talk(ctx, key, flow, &talk);
+        return;
+    }
+    // The handshake's own ACK may carry data: judged like any later segment.
+    established(ctx, key, flow, seg);
+}
+
+/// A client segment on a verified flow.
+#[inline(always)]
+fn established(ctx: &TcContext, key: &FlowKey, flow: &mut Flow, seg: &Segment) {
+    let closing = seg.has(TCP_FIN) || seg.has(TCP_RST);
+    if flow.state == STATE_GREETING {
+        greeting_wait(ctx, key, flow, seg);
+    }
+    if closing && flow.state == STATE_DONE {
+        let _ = FLOWS.remove(key);
+    }
+}
+
+/// A client segment while the server's greeting is pending: the acceptance
+/// rules of the module comment, then the verdict.
+#[inline(always)]
+fn greeting_wait(ctx: &TcContext, key: &FlowKey, flow: &mut Flow, seg: &Segment) {
+    let c = flow.client_next;
+    if seg.has(TCP_RST) {
+        if seg.seq == c && seg.part != Part::TinyFragment {
+            quit(ctx, key, flow);
+        }
+        return;
+    }
+    if seg.part == Part::TinyFragment {
+        if seg.seq == c {
+            let talk = Talk::fragment(0);
+            judge_talk(ctx, key, flow, &talk);
+        } else {
+            count(Stat::Unparsed);
+        }
+        return;
+    }
+    let ack_ok = seg.has(TCP_ACK)
+        && not_after(flow.server_isn.wrapping_add(1), seg.ack)
+        && not_after(seg.ack, flow.server_next);
+    if !ack_ok {
+        if seg.payload_len > 0 || seg.fragment() {
+            count(Stat::UnverifiedPayload);
+        }
+        return;
+    }
+    let end = seg.seq.wrapping_add(seg.payload_len);
+    let in_order = not_after(seg.seq, c);
+    if in_order && (seq_after(end, c) || seg.fragment()) {
+        // New bytes from C on (the part before C is old and trimmed).
+        let skip = c.wrapping_sub(seg.seq);
+        let mut talk = if seg.fragment() {
+            Talk::fragment(if seq_after(end, c) {
+                end.wrapping_sub(c)
+            } else {
+                0
+            })
+        } else {
+            Talk::bytes(end.wrapping_sub(c))
+        };
+        if talk.bytes > 0 {
+            talk.captured = payload_bytes(
+                ctx,
+                seg.payload_off + skip as usize,
+                talk.bytes,
+                &mut talk.payload,
+            );
+        }
+        if seg.fragment() {
+            count(Stat::Fragments);
+        }
+        judge_talk(ctx, key, flow, &talk);
+    } else if seg.has(TCP_FIN) && end == c && !seg.fragment() {
+        quit(ctx, key, flow);
+    } else if seg.payload_len > 0 || seg.fragment() {
+        // Old bytes only, or out of order: nothing reached the MTA yet.
+        count(Stat::UnverifiedPayload);
+    }
+}
+
+/// The client closed before the greeting.
+#[inline(always)]
+fn quit(ctx: &TcContext, key: &FlowKey, flow: &mut Flow) {
+    // A client that probed has spoken already: its hang-up says nothing.
+    if flow.flags & FLAG_PROBED == 0 {
+        emit(ctx, key, flow, Verdict::Quit, None, 0);
+    }
+    flow.state = STATE_DONE;
+}
+
+/// Early bytes the server accepted.
+struct Talk {
+    /// How many (for a fragment: the first fragment's share).
+    bytes: u32,
+    /// `HOW_*` bits.
+    how: u8,
+    captured: u8,
+    payload: [u8; PAYLOAD_CAPTURE],
+}
+
+impl Talk {
+    #[inline(always)]
+    fn bytes(bytes: u32) -> Self {
+        Talk {
+            bytes,
+            how: 0,
+            captured: 0,
+            payload: [0; PAYLOAD_CAPTURE],
+        }
+    }
+
+    #[inline(always)]
+    fn fragment(bytes: u32) -> Self {
+        Talk {
+            how: HOW_FRAGMENT,
+            ..Talk::bytes(bytes)
+        }
+    }
+}
+
+/// Early talk: a benign probe, forgiven PIPECONNECT, or EARLY-TALK.
+#[inline(always)]
+fn judge_talk(ctx: &TcContext, key: &FlowKey, flow: &mut Flow, talk: &Talk) {
+    if talk.how == 0 && flow.flags & FLAG_PROBED == 0 && is_probe(talk) {
+        // Followed on: anything more before the greeting is judged as usual.
+        flow.flags |= FLAG_PROBED;
+        flow.client_next = flow.client_next.wrapping_add(talk.bytes);
+        emit(ctx, key, flow, Verdict::Probe, Some(talk), 0);
+        return;
+    }
+    match passed_before(key) {
+        Some(passed) => emit(ctx, key, flow, Verdict::Pipeconnect, Some(talk), passed),
+        None => emit(ctx, key, flow, Verdict::EarlyTalk, Some(talk), 0),
+    }
+    flow.state = STATE_DONE;
+}
+
+/// Is the talk exactly one of the benign probes?
+#[inline(always)]
+fn is_probe(talk: &Talk) -> bool {
+    if talk.bytes == 0 || talk.bytes > PAYLOAD_CAPTURE as u32 || talk.captured as u32 != talk.bytes
+    {
+        return false;
+    }
+    let probe = ProbeKey {
+        len: talk.bytes,
+        bytes: talk.payload,
+    };
+    unsafe { PROBES.get(&probe) }.is_some()
+}
+
+#[inline(always)]
+fn client_addr(key: &FlowKey) -> ClientAddr {
+    ClientAddr {
+        addr: key.client,
+        family: key.family,
+        _pad: [0; 3],
+    }
+}
+
+/// A client that waited for a greeting: remembered for PIPECONNECT.
+#[inline(always)]
+fn remember_pass(key: &FlowKey) {
+    let expires = unsafe { bpf_ktime_get_boot_ns() }.wrapping_add(pass_ttl_ns());
+    let _ = PASSERS.insert(&client_addr(key), &expires, 0);
+}
+
+/// When the client passed before (CLOCK_BOOTTIME ns), if the MTA advertises
+/// PIPECONNECT to it and that pass is within the TTL.
+#[inline(always)]
+fn passed_before(key: &FlowKey) -> Option<u64> {
+    let advertised = match pipeconnect_mode() {
+        PIPECONNECT_ALL => true,
+        PIPECONNECT_LISTED => {
+            let listed = if key.family == FAMILY_V4 {
+                let addr = [key.client[0], key.client[1], key.client[2], key.client[3]];
+                PIPE_V4.get(Key::new(32, addr))
+            } else {
+                PIPE_V6.get(Key::new(128, key.client))
+            };
+            listed.is_some_and(|v| *v != 0)
+        }
+        _ => false,
+    };
+    if !advertised {
+        return None;
+    }
+    let expires = unsafe { PASSERS.get(&client_addr(key)) }.copied()?;
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if now < expires {
+        Some(expires.wrapping_sub(pass_ttl_ns()))
+    } else {
+        None
+    }
+}
+
+/// Writes a verdict to the ring buffer, with the client's first new bytes.
+#[inline(always)]
+fn emit(
+    ctx: &TcContext,
+    key: &FlowKey,
+    flow: &Flow,
+    verdict: Verdict,
+    talk: Option<&Talk>,
+    passed_boot_ns: u64,
+) {
     count(match verdict {
         Verdict::EarlyTalk => Stat::EarlyTalk,
         Verdict::Quit => Stat::Quit,
         Verdict::Pass => Stat::Pass,
-        Verdict::EarlyEhlo => Stat::EarlyEhlo,
+        Verdict::Pipeconnect => Stat::Pipeconnect,
+        Verdict::Probe => Stat::Probe,
     });
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(Stat::RingbufFull);
@@ -202,14 +539,22 @@ fn emit(ctx: &TcContext, key: &FlowKey, flow: &Flow, verdict: Verdict, payload: 
     unsafe {
         (*ev).key = *key;
         (*ev).since_handshake_ns = now.wrapping_sub(flow.verified_ns);
+        (*ev).passed_boot_ns = passed_boot_ns;
         (*ev).verdict = verdict as u8;
-        (*ev)._pad = [0; 2];
-        (*ev).bytes = 0;
-        (*ev).captured = 0;
-        (*ev).payload = [0; PAYLOAD_CAPTURE];
-        if let Some(seg) = payload {
-            (*ev).bytes = seg.payload_len;
-            (*ev).captured = crate::greeting::capture(ctx, seg, &mut (*ev).payload);
+        (*ev)._pad = 0;
+        match talk {
+            Some(t) => {
+                (*ev).bytes = t.bytes;
+                (*ev).captured = t.captured;
+                (*ev).how = t.how;
+                (*ev).payload = t.payload;
+            }
+            None => {
+                (*ev).bytes = 0;
+                (*ev).captured = 0;
+                (*ev).how = 0;
+                (*ev).payload = [0; PAYLOAD_CAPTURE];
+            }
         }
     }
     // Only an early talker needs the daemon at once; waking it for every

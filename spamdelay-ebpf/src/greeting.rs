@@ -1,15 +1,11 @@
-//! Following the server's greeting through its segments, and capturing the
-//! client's first payload bytes. Reads go through `bpf_skb_load_bytes` because
-//! TCP payload usually sits in the skb's page fragments, not its linear head.
+//! Following the server's greeting through its segments. Reads go through
+//! `bpf_skb_load_bytes` (parse.rs) because TCP payload usually sits in the
+//! skb's page fragments, not its linear head.
 
-use aya_ebpf::{
-    cty::c_void,
-    helpers::{bpf_loop, bpf_skb_load_bytes},
-    programs::TcContext,
-};
-use spamdelay_common::{Flow, GreetingScanner, PAYLOAD_CAPTURE, greeting::seq_after};
+use aya_ebpf::{cty::c_void, helpers::bpf_loop, programs::TcContext};
+use spamdelay_common::{Flow, GreetingScanner, greeting::seq_after};
 
-use crate::parse::Segment;
+use crate::parse::{Segment, skb_bytes};
 
 /// Server bytes scanned per segment; a greeting segment longer than this
 /// without a final line makes the flow untrackable (never a false verdict).
@@ -33,15 +29,11 @@ struct ScanLoop {
     result: u8,
 }
 
-/// Byte `index` from `start` in the packet, for the `bpf_loop` callbacks
-/// (which get the skb through their context, not a `TcContext`).
+/// Byte `index` from `start` in the packet.
 #[inline(always)]
 fn byte_at(skb: *mut aya_ebpf::bindings::__sk_buff, start: u32, index: u64) -> Option<u8> {
-    let mut byte = 0u8;
-    let off = start.wrapping_add(index as u32);
-    let ret =
-        unsafe { bpf_skb_load_bytes(skb as *const c_void, off, (&mut byte as *mut u8).cast(), 1) };
-    (ret == 0).then_some(byte)
+    let mut byte = [0u8; 1];
+    skb_bytes(skb, start.wrapping_add(index as u32), &mut byte).then_some(byte[0])
 }
 
 const RESULT_INCOMPLETE: u8 = 0;
@@ -97,92 +89,4 @@ pub fn scan_greeting(ctx: &TcContext, seg: &Segment, flow: &mut Flow) -> Scan {
         }
         _ => Scan::LostSync,
     }
-}
-
-/// Copies up to `PAYLOAD_CAPTURE` payload bytes into `out`; returns how many.
-#[inline(always)]
-pub fn capture(ctx: &TcContext, seg: &Segment, out: &mut [u8; PAYLOAD_CAPTURE]) -> u8 {
-    let want = if (seg.payload_len as usize) < PAYLOAD_CAPTURE {
-        seg.payload_len as usize
-    } else {
-        PAYLOAD_CAPTURE
-    };
-    if want == PAYLOAD_CAPTURE {
-        if let Ok(buf) = ctx.load::<[u8; PAYLOAD_CAPTURE]>(seg.payload_off) {
-            *out = buf;
-            return PAYLOAD_CAPTURE as u8;
-        }
-    }
-    let mut n = 0u8;
-    for (i, slot) in out.iter_mut().enumerate() {
-        if i >= want {
-            break;
-        }
-        let Ok(b) = ctx.load::<u8>(seg.payload_off + i) else {
-            break;
-        };
-        *slot = b;
-        n += 1;
-    }
-    n
-}
-
-/// Longest EHLO line believed (RFC 5321's command line limit).
-const MAX_EHLO: u32 = 512;
-
-struct NewlineLoop {
-    skb: *mut aya_ebpf::bindings::__sk_buff,
-    start: u32,
-    found: u8,
-}
-
-extern "C" fn find_newline(index: u64, data: *mut c_void) -> i64 {
-    let state = unsafe { &mut *(data as *mut NewlineLoop) };
-    match byte_at(state.skb, state.start, index) {
-        Some(b) if b != b'\n' => 0,
-        // A newline, or a byte that cannot be read: not one clean line.
-        _ => {
-            state.found = 1;
-            1
-        }
-    }
-}
-
-/// Is the segment's payload exactly one `EHLO ...` line ending in CRLF?
-#[inline(always)]
-pub fn is_one_ehlo_line(ctx: &TcContext, seg: &Segment) -> bool {
-    let len = seg.payload_len;
-    if !(7..=MAX_EHLO).contains(&len) {
-        return false;
-    }
-    let Ok(verb) = ctx.load::<[u8; 5]>(seg.payload_off) else {
-        return false;
-    };
-    if verb[0] | 0x20 != b'e'
-        || verb[1] | 0x20 != b'h'
-        || verb[2] | 0x20 != b'l'
-        || verb[3] | 0x20 != b'o'
-        || verb[4] != b' '
-    {
-        return false;
-    }
-    let end = seg.payload_off + len as usize - 2;
-    if ctx.load::<[u8; 2]>(end).ok() != Some([b'\r', b'\n']) {
-        return false;
-    }
-    // No other line before that CRLF.
-    let mut state = NewlineLoop {
-        skb: ctx.skb.skb,
-        start: seg.payload_off as u32,
-        found: 0,
-    };
-    let ret = unsafe {
-        bpf_loop(
-            len - 1,
-            find_newline as *mut c_void,
-            (&mut state as *mut NewlineLoop).cast(),
-            0,
-        )
-    };
-    ret >= 0 && state.found == 0
 }

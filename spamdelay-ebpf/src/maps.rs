@@ -2,28 +2,67 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
-use spamdelay_common::{Flow, FlowKey, MAX_PORTS, Stat, stats::STAT_COUNT};
+use spamdelay_common::{
+    ClientAddr, Flow, FlowKey, MAX_PORTS, Stat,
+    flow::{HalfOpen, PASSERS_MAX, PROBES_MAX, ProbeKey, SynData},
+    stats::STAT_COUNT,
+};
 
 /// Watched server ports, host byte order; unused slots repeat a used one.
 /// Set by the loader (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
 pub static PORTS: [u16; MAX_PORTS] = [25; MAX_PORTS];
 
-/// Non-zero when the MTA advertises PIPECONNECT: one `EHLO` line ahead of
-/// the greeting is then allowed. Set by the loader.
+/// To whom the MTA advertises PIPECONNECT (`PIPECONNECT_*`): they may talk
+/// ahead of the banner if they passed before. Set by the loader.
 #[unsafe(no_mangle)]
 pub static PIPECONNECT: u8 = 0;
 
+/// How long a pass counts for PIPECONNECT (`--pass-ttl`), in ns.
+#[unsafe(no_mangle)]
+pub static PASS_TTL_NS: u64 = 86_400_000_000_000;
+
 #[inline(always)]
-pub fn pipeconnect() -> bool {
-    unsafe { core::ptr::read_volatile(&PIPECONNECT) != 0 }
+pub fn pipeconnect_mode() -> u8 {
+    unsafe { core::ptr::read_volatile(&PIPECONNECT) }
 }
 
-/// Flows between the server's SYN-ACK and their close.
+#[inline(always)]
+pub fn pass_ttl_ns() -> u64 {
+    unsafe { core::ptr::read_volatile(&PASS_TTL_NS) }
+}
+
+/// Verified flows, from the client's handshake-completing ACK to their close.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65536, 0);
+
+/// Handshakes in progress, from the server's SYN-ACK to the client's ACK.
+/// Apart from `FLOWS`, so forged SYNs only ever evict each other.
+#[map]
+pub static HALF_OPEN: LruHashMap<FlowKey, HalfOpen> = LruHashMap::with_max_entries(65536, 0);
+
+/// Client SYNs that carried data (TCP Fast Open), until their SYN-ACK.
+#[map]
+pub static SYN_DATA: LruHashMap<FlowKey, SynData> = LruHashMap::with_max_entries(4096, 0);
+
+/// Clients that waited for a greeting here: the CLOCK_BOOTTIME ns at which
+/// their pass expires. Fed by PASS verdicts here, restored by the daemon.
+#[map]
+pub static PASSERS: LruHashMap<ClientAddr, u64> = LruHashMap::with_max_entries(PASSERS_MAX, 0);
+
+/// Benign probes (value unused): early talk that is exactly one of these is
+/// a PROBE, never an offence.
+#[map]
+pub static PROBES: HashMap<ProbeKey, u8> = HashMap::with_max_entries(PROBES_MAX, 0);
+
+/// With `PIPECONNECT_LISTED`: the MTA's host list, 1 where it advertises
+/// PIPECONNECT and 0 where the list excludes (`!`) a network.
+#[map]
+pub static PIPE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(1024, 1);
+#[map]
+pub static PIPE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1024, 1);
 
 /// Clients never followed (CIDR), value unused.
 #[map]

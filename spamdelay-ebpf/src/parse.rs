@@ -1,19 +1,28 @@
-//! Header parsing: Ethernet, IPv4/IPv6 (with extension headers), TCP. Every
-//! read goes through `ptr_at`, which bounds-checks against the linear packet
-//! data; anything malformed, fragmented or not TCP is `None`.
+//! Header parsing: Ethernet (with up to two VLAN tags left in the frame),
+//! IPv4/IPv6 (options, every extension header the kernel would walk, first
+//! fragments), TCP. This module is the one packet reader: fixed offsets are
+//! read directly after a bounds check, variable ones through
+//! `bpf_skb_load_bytes`; anything malformed or not TCP is `None`.
 
-use aya_ebpf::programs::TcContext;
-use spamdelay_common::{FAMILY_V4, FAMILY_V6};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_loop, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use spamdelay_common::{FAMILY_V4, FAMILY_V6, PAYLOAD_CAPTURE, Stat};
 
-use crate::maps::watched;
+use crate::maps::{count, watched};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
 const IPPROTO_TCP: u8 = 6;
 const IPV6_HLEN: usize = 40;
-/// IPv6 extension headers walked before giving up on a packet.
-const MAX_EXT_HEADERS: usize = 4;
+/// IPv6 extension headers walked at most. Each takes at least 8 bytes, so
+/// this covers any chain a 64 KiB packet can hold: Linux walks them all.
+const MAX_EXT_HEADERS: u32 = 8192;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -29,6 +38,20 @@ pub enum Dir {
     FromServer,
 }
 
+/// What part of a TCP segment the packet holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The whole segment.
+    Whole,
+    /// The first IP fragment, holding at least the TCP header's first 14
+    /// bytes (through the flags): more of the segment's bytes follow in other
+    /// fragments, which the IP layer joins before TCP sees them.
+    FirstFragment,
+    /// A first IPv4 fragment too short for the ack and flags: only the ports
+    /// and the sequence number are known (`ack` and `flags` are zero).
+    TinyFragment,
+}
+
 /// A TCP segment of a watched flow.
 pub struct Segment {
     pub family: u8,
@@ -39,9 +62,11 @@ pub struct Segment {
     pub seq: u32,
     pub ack: u32,
     pub flags: u8,
+    pub window: u16,
+    pub part: Part,
     /// Offset of the TCP payload from the start of the packet.
     pub payload_off: usize,
-    /// Payload length as the IP header declares it.
+    /// Payload bytes in this packet, as the IP header declares them.
     pub payload_len: u32,
 }
 
@@ -49,6 +74,12 @@ impl Segment {
     #[inline(always)]
     pub fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
+    }
+
+    /// Is this one fragment of a longer segment?
+    #[inline(always)]
+    pub fn fragment(&self) -> bool {
+        self.part != Part::Whole
     }
 }
 
@@ -62,6 +93,7 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
+/// A direct, bounds-checked read at a fixed offset in the linear data.
 #[inline(always)]
 fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     // Unaligned: IP options and extension headers shift everything after them.
@@ -73,68 +105,179 @@ fn be16(ctx: &TcContext, off: usize) -> Option<u16> {
     read::<[u8; 2]>(ctx, off).map(u16::from_be_bytes)
 }
 
-/// Reads at a variable offset go through `bpf_skb_load_bytes`: direct access
+/// A read at a variable offset, through `bpf_skb_load_bytes`: direct access
 /// there needs bounds proofs the verifier cannot always follow.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
+pub fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
     ctx.load::<T>(off).ok()
 }
 
-/// Parses the packet if it is a TCP segment whose server side (destination for
-/// `FromClient`, source for `FromServer`) is a watched port. The common case
-/// (no IP options, no extension headers) reads only fixed offsets directly.
+/// `N` bytes at `off` for the `bpf_loop` callbacks, which get the skb
+/// through their context rather than a `TcContext`.
+#[inline(always)]
+pub fn skb_bytes<const N: usize>(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    off: u32,
+    out: &mut [u8; N],
+) -> bool {
+    let ret =
+        unsafe { bpf_skb_load_bytes(skb as *const c_void, off, out.as_mut_ptr().cast(), N as u32) };
+    ret == 0
+}
+
+/// Copies `want` (at most `PAYLOAD_CAPTURE`) bytes from `off` into `out`;
+/// returns how many were copied.
+#[inline(always)]
+pub fn payload_bytes(
+    ctx: &TcContext,
+    off: usize,
+    want: u32,
+    out: &mut [u8; PAYLOAD_CAPTURE],
+) -> u8 {
+    let want = if want > PAYLOAD_CAPTURE as u32 {
+        PAYLOAD_CAPTURE as u32
+    } else {
+        want
+    };
+    if want == 0 {
+        return 0;
+    }
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            off as u32,
+            out.as_mut_ptr().cast(),
+            want,
+        )
+    };
+    if ret == 0 { want as u8 } else { 0 }
+}
+
+/// Where the IP header starts and which family it is, past VLAN tags that
+/// were left in the frame (no VLAN offload on the interface).
+#[inline(always)]
+fn network(ctx: &TcContext) -> Option<(u16, usize)> {
+    let mut proto = be16(ctx, 12)?;
+    let mut l3 = ETH_HLEN;
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        proto = be16(ctx, 16)?;
+        l3 = ETH_HLEN + 4;
+        if proto == ETH_P_8021Q {
+            proto = be16(ctx, 20)?;
+            l3 = ETH_HLEN + 8;
+        }
+    }
+    Some((proto, l3))
+}
+
+/// Parses the packet if it is a TCP segment (or the first fragment of one)
+/// whose server side (destination for `FromClient`, source for
+/// `FromServer`) is a watched port. The common case (no VLAN tag, no IP
+/// options, no extension headers) reads only fixed offsets directly.
 #[inline(always)]
 pub fn segment(ctx: &TcContext, dir: Dir) -> Option<Segment> {
-    let (family, l4, ip_payload_end) = match be16(ctx, 12)? {
-        ETH_P_IP => ipv4(ctx)?,
-        ETH_P_IPV6 => ipv6(ctx)?,
+    let (proto, l3) = network(ctx)?;
+    let ip = match proto {
+        ETH_P_IP => ipv4(ctx, l3)?,
+        ETH_P_IPV6 => ipv6(ctx, l3)?,
         _ => return None,
     };
+    let l4 = ip.l4;
     // The ports first: TCP that is not to or from a watched port (most of
     // the traffic) leaves without anything else being read.
-    let ports: [u8; 4] = tcp_bytes(ctx, family, l4, 0)?;
+    let ports: [u8; 4] = tcp_bytes(ctx, ip.family, l4, 0)?;
     let sport = u16::from_be_bytes([ports[0], ports[1]]);
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     let server_port = if dir == Dir::FromClient { dport } else { sport };
     if !watched(server_port) {
         return None;
     }
-    // Bytes 4..20 of the TCP header: sequence, ack, data offset, flags.
-    let tcp: [u8; 16] = tcp_bytes(ctx, family, l4, 4)?;
-    let doff = ((tcp[8] >> 4) as usize) * 4;
-    if doff < 20 {
-        return None;
-    }
-    let payload_off = l4 + doff;
     // A packet shorter than its IP header claims never reaches the socket:
     // the IP layer drops it, so its bytes must not count as talk either.
-    if payload_off > ip_payload_end || ip_payload_end > ctx.len() as usize {
+    if ip.end > ctx.len() as usize {
         return None;
     }
     let mut seg = Segment {
-        family,
+        family: ip.family,
         src: [0; 16],
         dst: [0; 16],
         sport,
         dport,
-        seq: u32::from_be_bytes([tcp[0], tcp[1], tcp[2], tcp[3]]),
-        ack: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-        flags: tcp[9],
-        payload_off,
-        payload_len: (ip_payload_end - payload_off) as u32,
+        seq: 0,
+        ack: 0,
+        flags: 0,
+        window: 0,
+        part: if ip.first_fragment {
+            Part::FirstFragment
+        } else {
+            Part::Whole
+        },
+        payload_off: 0,
+        payload_len: 0,
     };
-    if family == FAMILY_V4 {
-        seg.src[..4].copy_from_slice(&read::<[u8; 4]>(ctx, ETH_HLEN + 12)?);
-        seg.dst[..4].copy_from_slice(&read::<[u8; 4]>(ctx, ETH_HLEN + 16)?);
+    if l4 + 20 <= ip.end {
+        // Bytes 4..20 of the TCP header: sequence, ack, data offset, flags, window.
+        let tcp: [u8; 16] = tcp_bytes(ctx, ip.family, l4, 4)?;
+        let doff = ((tcp[8] >> 4) as usize) * 4;
+        if doff < 20 {
+            return None;
+        }
+        seg.seq = u32::from_be_bytes([tcp[0], tcp[1], tcp[2], tcp[3]]);
+        seg.ack = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        seg.flags = tcp[9];
+        seg.window = u16::from_be_bytes([tcp[10], tcp[11]]);
+        seg.payload_off = l4 + doff;
+        if seg.payload_off <= ip.end {
+            seg.payload_len = (ip.end - seg.payload_off) as u32;
+        } else if !ip.first_fragment {
+            // Options past the segment's end: malformed, TCP drops it.
+            return None;
+        }
+    } else if ip.first_fragment && l4 + 14 <= ip.end {
+        // Through the flags, options and payload in later fragments.
+        let tcp: [u8; 10] = load(ctx, l4 + 4)?;
+        seg.seq = u32::from_be_bytes([tcp[0], tcp[1], tcp[2], tcp[3]]);
+        seg.ack = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        seg.flags = tcp[9];
+        if ((tcp[8] >> 4) as usize) * 4 < 20 {
+            return None;
+        }
+    } else if ip.first_fragment && l4 + 8 <= ip.end {
+        // IPv4 lets a first fragment end inside the TCP header (IPv6 does
+        // not: Linux drops those, RFC 8200 4.5).
+        let seq: [u8; 4] = load(ctx, l4 + 4)?;
+        seg.seq = u32::from_be_bytes(seq);
+        seg.part = Part::TinyFragment;
     } else {
-        seg.src = read::<[u8; 16]>(ctx, ETH_HLEN + 8)?;
-        seg.dst = read::<[u8; 16]>(ctx, ETH_HLEN + 24)?;
+        // A TCP header cut short: TCP drops the segment.
+        return None;
+    }
+    let (src, dst, len) = if ip.family == FAMILY_V4 {
+        (l3 + 12, l3 + 16, 4)
+    } else {
+        (l3 + 8, l3 + 24, 16)
+    };
+    if l3 == ETH_HLEN {
+        if len == 4 {
+            seg.src[..4].copy_from_slice(&read::<[u8; 4]>(ctx, ETH_HLEN + 12)?);
+            seg.dst[..4].copy_from_slice(&read::<[u8; 4]>(ctx, ETH_HLEN + 16)?);
+        } else {
+            seg.src = read::<[u8; 16]>(ctx, ETH_HLEN + 8)?;
+            seg.dst = read::<[u8; 16]>(ctx, ETH_HLEN + 24)?;
+        }
+    } else if len == 4 {
+        seg.src[..4].copy_from_slice(&load::<[u8; 4]>(ctx, src)?);
+        seg.dst[..4].copy_from_slice(&load::<[u8; 4]>(ctx, dst)?);
+    } else {
+        seg.src = load::<[u8; 16]>(ctx, src)?;
+        seg.dst = load::<[u8; 16]>(ctx, dst)?;
     }
     Some(seg)
 }
 
 /// `N` bytes at `off` into the TCP header: a direct read at the usual fixed
-/// offsets, `bpf_skb_load_bytes` after IP options or extension headers.
+/// offsets, `bpf_skb_load_bytes` after VLAN tags, IP options or extension
+/// headers.
 #[inline(always)]
 fn tcp_bytes<const N: usize>(
     ctx: &TcContext,
@@ -152,15 +295,32 @@ fn tcp_bytes<const N: usize>(
 const L4_V4: usize = ETH_HLEN + 20;
 const L4_V6: usize = ETH_HLEN + IPV6_HLEN;
 
-/// (family, TCP header offset, end of IP payload) of an unfragmented IPv4 TCP packet.
+/// Where the TCP header is in a packet.
+struct Ip {
+    family: u8,
+    /// Offset of the TCP header.
+    l4: usize,
+    /// End of the IP payload (of this fragment).
+    end: usize,
+    /// The packet is the first fragment of a longer datagram.
+    first_fragment: bool,
+}
+
+/// An IPv4 TCP packet: whole, or the first fragment of one. Later fragments
+/// carry no TCP header; the first one's header identifies the segment.
 #[inline(always)]
-fn ipv4(ctx: &TcContext) -> Option<(u8, usize, usize)> {
-    let hdr: [u8; 20] = read(ctx, ETH_HLEN)?;
+fn ipv4(ctx: &TcContext, l3: usize) -> Option<Ip> {
+    let hdr: [u8; 20] = if l3 == ETH_HLEN {
+        read(ctx, ETH_HLEN)?
+    } else {
+        load(ctx, l3)?
+    };
     if hdr[9] != IPPROTO_TCP {
         return None;
     }
-    // More-fragments flag or a fragment offset: not a whole segment.
-    if u16::from_be_bytes([hdr[6], hdr[7]]) & 0x3fff != 0 {
+    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+    // A fragment offset: no TCP header here.
+    if frag & 0x1fff != 0 {
         return None;
     }
     let ihl = ((hdr[0] & 0x0f) as usize) * 4;
@@ -168,32 +328,122 @@ fn ipv4(ctx: &TcContext) -> Option<(u8, usize, usize)> {
     if ihl < 20 || total < ihl {
         return None;
     }
-    Some((FAMILY_V4, ETH_HLEN + ihl, ETH_HLEN + total))
+    Some(Ip {
+        family: FAMILY_V4,
+        l4: l3 + ihl,
+        end: l3 + total,
+        // More fragments follow.
+        first_fragment: frag & 0x2000 != 0,
+    })
 }
 
-/// (family, TCP header offset, end of IP payload) of an unfragmented IPv6 TCP
-/// packet, walking hop-by-hop, routing and destination-options headers.
-#[inline(always)]
-fn ipv6(ctx: &TcContext) -> Option<(u8, usize, usize)> {
-    let hdr: [u8; 8] = read(ctx, ETH_HLEN)?;
-    let end = L4_V6 + u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
-    let mut next = hdr[6];
-    let mut off = L4_V6;
-    for _ in 0..MAX_EXT_HEADERS {
-        match next {
-            IPPROTO_TCP => return Some((FAMILY_V6, off, end)),
-            // Hop-by-hop, routing, destination options.
-            0 | 43 | 60 => {
-                let ext: [u8; 2] = load(ctx, off)?;
-                next = ext[0];
-                off += (ext[1] as usize + 1) * 8;
+/// State of the `bpf_loop` walk over IPv6 extension headers.
+#[repr(C)]
+struct ExtWalk {
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    off: u32,
+    next: u8,
+    /// A fragment header with more fragments to come was passed.
+    first_fragment: u8,
+    /// `WALK_*`.
+    result: u8,
+}
+
+const WALK_ON: u8 = 0;
+const WALK_TCP: u8 = 1;
+const WALK_NOT_TCP: u8 = 2;
+
+extern "C" fn ext_header(index: u64, data: *mut c_void) -> i64 {
+    let walk = unsafe { &mut *(data as *mut ExtWalk) };
+    let mut hdr = [0u8; 4];
+    match walk.next {
+        IPPROTO_TCP => {
+            walk.result = WALK_TCP;
+            return 1;
+        }
+        // Hop-by-hop (only first, as ipv6_rcv takes it), routing,
+        // destination options.
+        0 | 43 | 60 if walk.next != 0 || index == 0 => {
+            if !skb_bytes(walk.skb, walk.off, &mut hdr) {
+                walk.result = WALK_NOT_TCP;
+                return 1;
             }
-            // Fragments (44) and anything else: not followed.
-            _ => return None,
+            walk.next = hdr[0];
+            walk.off = walk.off.wrapping_add((hdr[1] as u32 + 1) * 8);
+        }
+        // Fragment: the first one is followed, later ones hold no TCP header.
+        44 => {
+            if !skb_bytes(walk.skb, walk.off, &mut hdr) {
+                walk.result = WALK_NOT_TCP;
+                return 1;
+            }
+            let frag = u16::from_be_bytes([hdr[2], hdr[3]]);
+            if frag & 0xfff8 != 0 {
+                walk.result = WALK_NOT_TCP;
+                return 1;
+            }
+            if frag & 1 != 0 {
+                walk.first_fragment = 1;
+            }
+            walk.next = hdr[0];
+            walk.off = walk.off.wrapping_add(8);
+        }
+        _ => {
+            walk.result = WALK_NOT_TCP;
+            return 1;
         }
     }
-    if next == IPPROTO_TCP {
-        return Some((FAMILY_V6, off, end));
+    0
+}
+
+/// An IPv6 TCP packet (or first fragment), past every extension header.
+#[inline(always)]
+fn ipv6(ctx: &TcContext, l3: usize) -> Option<Ip> {
+    let hdr: [u8; 8] = if l3 == ETH_HLEN {
+        read(ctx, ETH_HLEN)?
+    } else {
+        load(ctx, l3)?
+    };
+    let l4 = l3 + IPV6_HLEN;
+    let end = l4 + u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
+    if hdr[6] == IPPROTO_TCP {
+        return Some(Ip {
+            family: FAMILY_V6,
+            l4,
+            end,
+            first_fragment: false,
+        });
     }
-    None
+    if !matches!(hdr[6], 0 | 43 | 44 | 60) {
+        return None;
+    }
+    let mut walk = ExtWalk {
+        skb: ctx.skb.skb,
+        off: l4 as u32,
+        next: hdr[6],
+        first_fragment: 0,
+        result: WALK_ON,
+    };
+    let ret = unsafe {
+        bpf_loop(
+            MAX_EXT_HEADERS,
+            ext_header as *mut c_void,
+            (&mut walk as *mut ExtWalk).cast(),
+            0,
+        )
+    };
+    match walk.result {
+        WALK_TCP if ret >= 0 => Some(Ip {
+            family: FAMILY_V6,
+            l4: walk.off as usize,
+            end,
+            first_fragment: walk.first_fragment != 0,
+        }),
+        WALK_ON => {
+            // The chain outlasted the walk: say so, never guess.
+            count(Stat::Unparsed);
+            None
+        }
+        _ => None,
+    }
 }

@@ -107,6 +107,11 @@ pub struct Register {
 }
 
 impl Register {
+    /// The register file's contents (`bans.json`), as `Store::lock` reads them.
+    pub fn from_json(bytes: &[u8]) -> serde_json::Result<Self> {
+        serde_json::from_slice(bytes)
+    }
+
     /// Bans still in force.
     pub fn active(&self, now: u64) -> impl Iterator<Item = (&Cidr, &Ban)> {
         self.bans.iter().filter(move |(_, b)| b.active(now))
@@ -234,7 +239,7 @@ impl Store {
             return Ok((locked, None));
         }
         let (register, aside) = match fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<Register>(&bytes) {
+            Ok(bytes) => match Register::from_json(&bytes) {
                 Ok(r) => (r, None),
                 Err(e) => {
                     let aside = path.with_extension(format!("json.corrupt-{}", now()));

@@ -6,7 +6,9 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{allow::Cidr, mta::MtaKind, nft::Action, passcache::Format as PassFormat};
+use crate::{
+    allow::Cidr, mta::MtaKind, nft::Action, passcache::Format as PassFormat, probes::Probe,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,7 +40,7 @@ pub struct Cli {
 pub enum Command {
     /// Attach to interfaces, report every SMTP client's verdict, ban early talkers.
     #[command(args_override_self = true)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the bans in force: address, time left, offences, reason.
     List {
         /// Machine-readable output.
@@ -173,9 +175,21 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = PassFormat::Plain)]
     pub pass_cache_format: PassFormat,
 
-    /// How long a pass is remembered.
+    /// How long a pass is remembered: for the pass cache, and for
+    /// PIPECONNECT (early talk from a client that passed within this is
+    /// forgiven where the MTA advertises PIPECONNECT).
     #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = duration)]
     pub pass_ttl: Duration,
+
+    /// Early talk that is exactly this line (CRLF added; \r \n \xHH
+    /// escapes) is a harmless probe: logged as PROBE, never banned. Repeat
+    /// for several; Thunderbird's `EHLO we-guess.mozilla.org` is known.
+    #[arg(long = "benign-probe", value_name = "TEXT")]
+    pub benign_probes: Vec<Probe>,
+
+    /// Forget the built-in benign probes (Thunderbird's account setup).
+    #[arg(long)]
+    pub no_default_probes: bool,
 
     /// Shell command run after the pass cache is rewritten (`makemap ...`, `postmap ...`).
     #[arg(long, value_name = "CMD")]

@@ -21,9 +21,9 @@ use crate::{
     events, loader,
     metrics::{self, Attachment, Status},
     mta,
-    passcache::PassCache,
+    passcache::{PassCache, PassFile},
     policy::Policy,
-    privilege,
+    privilege, probes,
 };
 
 pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
@@ -62,13 +62,35 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
             "no greet pause: spamdelay still catches blind senders that talk at once, but not those that wait a moment before talking, and QUIT verdicts cannot be weighed; to add one: {how}"
         );
     }
-    let pipeconnect = mta.as_ref().is_some_and(|m| m.pipeconnect);
+    let pipeconnect = mta
+        .as_ref()
+        .map_or(mta::Pipeconnect::Off, |m| m.pipeconnect.clone());
+    let probes = probes::effective(&args.benign_probes, args.no_default_probes);
     let mut ebpf = loader::load(&loader::KernelConfig {
         ports: args.ports.clone(),
         max_flows: args.max_flows,
-        pipeconnect,
+        pipeconnect: pipeconnect.clone(),
+        pass_ttl: args.pass_ttl,
+        probes: probes.iter().map(|p| p.bytes().to_vec()).collect(),
     })?;
     loader::fill_allowlist(&mut ebpf, &allowlist)?;
+    let pass_cache = PassCache::open(
+        args.pass_cache.clone().map(|path| PassFile {
+            path,
+            format: args.pass_cache_format,
+            reload: args.pass_cache_reload.clone(),
+        }),
+        args.pass_ttl,
+        &state_dir,
+    );
+    restore_passes(&mut ebpf, &pass_cache, &pipeconnect)?;
+    if !probes.is_empty() {
+        let shown: Vec<String> = probes.iter().map(ToString::to_string).collect();
+        info!(
+            "benign probes (logged as PROBE, never banned): {}",
+            shown.join(" | ")
+        );
+    }
     let ring = loader::take_events(&mut ebpf)?;
     let kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(tokio::spawn(events::forward_kernel_log(logger))),
@@ -98,23 +120,15 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         dry_run: args.dry_run,
         saved_at: None,
         unsaved: false,
-        pass_cache: args.pass_cache.clone().map(|file| {
-            PassCache::open(
-                file,
-                args.pass_cache_format,
-                args.pass_ttl,
-                args.pass_cache_reload.clone(),
-                &state_dir,
-            )
-        }),
+        pass_cache,
     };
     enforcer.start().await?;
-    if let Some(c) = &enforcer.pass_cache {
+    if let Some(f) = &enforcer.pass_cache.file {
         info!(
             "pass cache {} ({:?}, passes kept {})",
-            c.file.display(),
-            c.format,
-            humantime::format_duration(c.ttl)
+            f.path.display(),
+            f.format,
+            humantime::format_duration(args.pass_ttl)
         );
     }
 
@@ -202,6 +216,30 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     }
     // Dropping the object detaches every program.
     drop(ebpf);
+    Ok(())
+}
+
+/// Gives the kernel the passes remembered from before this start, so a
+/// PIPECONNECT client is not taken for a blind sender after a restart.
+fn restore_passes(
+    ebpf: &mut aya::Ebpf,
+    cache: &PassCache,
+    pipeconnect: &mta::Pipeconnect,
+) -> Result<()> {
+    let now = bans::now();
+    let ttl = cache.ttl.as_secs();
+    let boot = crate::clock::boot_ns();
+    let live = cache.live(now).map(|(ip, at)| {
+        let left = (at + ttl).saturating_sub(now);
+        (ip, boot.saturating_add(left.saturating_mul(1_000_000_000)))
+    });
+    let n = loader::restore_passers(ebpf, live)?;
+    if *pipeconnect != mta::Pipeconnect::Off {
+        info!(
+            "PIPECONNECT: early talk is forgiven to clients that passed within {} ({n} remembered)",
+            humantime::format_duration(cache.ttl)
+        );
+    }
     Ok(())
 }
 

@@ -29,7 +29,8 @@ pub struct Enforcer {
     pub policy: Policy,
     pub table: TableSettings,
     pub dry_run: bool,
-    pub pass_cache: Option<PassCache>,
+    /// Every pass, for PIPECONNECT after a restart and the MTA's file.
+    pub pass_cache: PassCache,
     /// When the register was last written, and whether bans since are not.
     pub saved_at: Option<std::time::Instant>,
     pub unsaved: bool,
@@ -103,6 +104,9 @@ impl Enforcer {
             tokio::select! {
                 first = reports.recv() => {
                     let Some(first) = first else {
+                        if let Err(e) = self.pass_cache.flush(bans::now(), !self.dry_run) {
+                            error!("writing the pass cache: {e:#}");
+                        }
                         if let Err(e) = self.save_register() {
                             error!("writing the ban register: {e:#}");
                         }
@@ -117,17 +121,18 @@ impl Enforcer {
                         error!("applying {} verdicts: {e:#}", batch.len());
                     }
                 }
-                _ = heal.tick(), if !self.dry_run => {
+                _ = heal.tick() => {
+                    if let Err(e) = self.pass_cache.flush(bans::now(), !self.dry_run) {
+                        error!("writing the pass cache: {e:#}");
+                    }
+                    if self.dry_run {
+                        continue;
+                    }
                     if let Err(e) = self.save_register() {
                         error!("writing the ban register: {e:#}");
                     }
                     if let Err(e) = self.heal().await {
                         error!("checking table inet spamdelay: {e:#}");
-                    }
-                    if let Some(cache) = &mut self.pass_cache
-                        && let Err(e) = cache.flush(bans::now())
-                    {
-                        error!("writing the pass cache {}: {e:#}", cache.file.display());
                     }
                 }
             }
@@ -135,14 +140,12 @@ impl Enforcer {
     }
 
     /// Clients that waited for the greeting go to the pass cache (written on
-    /// the next tick, not per verdict).
+    /// the next tick, not per verdict), in a dry run too: the kernel keeps
+    /// its own copy for PIPECONNECT either way.
     fn remember_passes(&mut self, batch: &[Report]) {
-        let Some(cache) = self.pass_cache.as_mut().filter(|_| !self.dry_run) else {
-            return;
-        };
         let now = bans::now();
         for r in batch.iter().filter(|r| r.verdict == Verdict::Pass) {
-            cache.record(r.client.ip(), now);
+            self.pass_cache.record(r.client.ip(), now);
         }
     }
 

@@ -1,9 +1,16 @@
 //! The ring buffer, turned into typed verdict reports and their log lines.
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{
+    fmt,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
 
 use aya::maps::{MapData, RingBuf};
-use spamdelay_common::{Event, Verdict};
+use spamdelay_common::{
+    Event, Verdict,
+    event::{HOW_FRAGMENT, HOW_SYN},
+};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -19,10 +26,16 @@ pub struct Report {
     pub server: SocketAddr,
     /// From the handshake's completion to the verdict.
     pub after: Duration,
-    /// Payload bytes in the offending segment (EARLY-TALK).
+    /// New payload bytes the server accepted from the client's offending
+    /// segment (EARLY-TALK, PIPECONNECT, PROBE).
     pub bytes: u32,
-    /// Its first bytes, as captured by the kernel.
+    /// Their first bytes, as captured by the kernel.
     pub payload: Vec<u8>,
+    /// How they came: `HOW_FRAGMENT` (bytes counts the first fragment's
+    /// share), `HOW_SYN` (TCP Fast Open).
+    pub how: u8,
+    /// PIPECONNECT: when the client passed before.
+    pub passed_at: Option<SystemTime>,
 }
 
 impl Report {
@@ -36,7 +49,34 @@ impl Report {
             after: Duration::from_nanos(ev.since_handshake_ns),
             bytes: ev.bytes,
             payload: ev.payload[..captured].to_vec(),
+            how: ev.how,
+            passed_at: (ev.verdict == Verdict::Pipeconnect as u8)
+                .then(|| crate::clock::boot_to_wall(ev.passed_boot_ns)),
         })
+    }
+
+    /// `92 bytes`, `25 bytes in the SYN (TCP Fast Open)`, `a fragmented
+    /// segment (25 bytes in its first fragment)`.
+    fn amount(&self) -> String {
+        if self.how & HOW_FRAGMENT != 0 {
+            format!(
+                "a fragmented segment ({} bytes in its first fragment)",
+                self.bytes
+            )
+        } else if self.how & HOW_SYN != 0 {
+            format!("{} bytes in the SYN (TCP Fast Open)", self.bytes)
+        } else {
+            format!("{} bytes", self.bytes)
+        }
+    }
+
+    /// The escaped payload, with `...` when the kernel captured only its start.
+    pub fn shown_payload(&self) -> String {
+        let mut s = escape(&self.payload);
+        if self.bytes as usize > self.payload.len() || self.how & HOW_FRAGMENT != 0 {
+            s.push_str("...");
+        }
+        s
     }
 
     /// The verdict word that starts the log line.
@@ -45,7 +85,8 @@ impl Report {
             Verdict::EarlyTalk => "EARLY-TALK",
             Verdict::Quit => "QUIT",
             Verdict::Pass => "PASS",
-            Verdict::EarlyEhlo => "PIPECONNECT",
+            Verdict::Pipeconnect => "PIPECONNECT",
+            Verdict::Probe => "PROBE",
         }
     }
 }
@@ -64,17 +105,24 @@ impl fmt::Display for Report {
         let after = self.after.as_secs_f64();
         let (from, to) = (Peer(&self.client), Peer(&self.server));
         match self.verdict {
-            Verdict::EarlyTalk => {
+            Verdict::EarlyTalk | Verdict::Probe => write!(
+                f,
+                "{} {} after {after:.3}s from {from} to {to}: {}",
+                self.word(),
+                self.amount(),
+                self.shown_payload()
+            ),
+            Verdict::Pipeconnect => {
+                let passed = self.passed_at.map_or_else(
+                    || "earlier".to_string(),
+                    |t| humantime::format_rfc3339_seconds(t).to_string(),
+                );
                 write!(
                     f,
-                    "EARLY-TALK {} bytes after {after:.3}s from {from} to {to}: {}",
-                    self.bytes,
-                    escape(&self.payload)
-                )?;
-                if self.bytes as usize > self.payload.len() {
-                    f.write_str("...")?;
-                }
-                Ok(())
+                    "PIPECONNECT {} after {after:.3}s from {from} to {to} (passed before at {passed}): {}",
+                    self.amount(),
+                    self.shown_payload()
+                )
             }
             Verdict::Quit => match self.pause {
                 Some(p) => write!(
@@ -85,11 +133,6 @@ impl fmt::Display for Report {
                 None => write!(f, "QUIT after {after:.3}s from {from} to {to}"),
             },
             Verdict::Pass => write!(f, "PASS after {after:.3}s from {from} to {to}"),
-            Verdict::EarlyEhlo => write!(
-                f,
-                "PIPECONNECT EHLO ahead of the greeting after {after:.3}s from {from} to {to}: {}",
-                escape(&self.payload)
-            ),
         }
     }
 }
@@ -115,16 +158,22 @@ pub fn escape(bytes: &[u8]) -> String {
 pub fn drain(ring: &mut RingBuf<MapData>) -> Vec<Report> {
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
-        if item.len() < std::mem::size_of::<Event>() {
-            continue;
-        }
-        // The ring buffer gives 8-byte aligned records, but do not rely on it.
-        let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
-        if let Some(r) = Report::from_event(&ev) {
-            out.push(r);
-        }
+        out.extend(decode(&item));
     }
     out
+}
+
+/// One ring-buffer record as a report; `None` when it is too short for an
+/// `Event` or its verdict is unknown.
+pub fn decode(bytes: &[u8]) -> Option<Report> {
+    if bytes.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // The ring buffer gives 8-byte aligned records, but do not rely on it.
+    // SAFETY: the length is checked above, and `Event` is plain integers, so
+    // any bytes are a valid one.
+    let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
+    Report::from_event(&ev)
 }
 
 /// Records the kernel writes without a wakeup (PASS, QUIT) are picked up
@@ -193,6 +242,8 @@ mod tests {
             after: Duration::from_millis(213),
             bytes: 8,
             payload: b"EHLO x\r\n".to_vec(),
+            how: 0,
+            passed_at: None,
         };
         assert_eq!(
             r.to_string(),
@@ -216,6 +267,43 @@ mod tests {
         assert_eq!(
             q.to_string(),
             "QUIT after 0.213s of a 6s greet pause from [2001:db8::10]:5000 to [192.0.2.25]:25"
+        );
+    }
+
+    #[test]
+    fn pipeconnect_probe_fragment_and_fast_open_lines() {
+        let base = Report {
+            verdict: Verdict::Pipeconnect,
+            pause: None,
+            client: "198.51.100.11:40123".parse().unwrap(),
+            server: "192.0.2.25:25".parse().unwrap(),
+            after: Duration::ZERO,
+            bytes: 16,
+            payload: b"EHLO c.example\r\n".to_vec(),
+            how: HOW_SYN,
+            passed_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_000_000)),
+        };
+        assert_eq!(
+            base.to_string(),
+            "PIPECONNECT 16 bytes in the SYN (TCP Fast Open) after 0.000s from [198.51.100.11]:40123 to [192.0.2.25]:25 (passed before at 2026-11-30T00:53:20Z): EHLO c.example\\r\\n"
+        );
+        let probe = Report {
+            verdict: Verdict::Probe,
+            how: 0,
+            passed_at: None,
+            ..base.clone()
+        };
+        assert!(probe.to_string().starts_with("PROBE 16 bytes after "));
+        let frag = Report {
+            verdict: Verdict::EarlyTalk,
+            how: HOW_FRAGMENT,
+            payload: b"EHLO".to_vec(),
+            bytes: 4,
+            ..base
+        };
+        assert_eq!(
+            frag.to_string(),
+            "EARLY-TALK a fragmented segment (4 bytes in its first fragment) after 0.000s from [198.51.100.11]:40123 to [192.0.2.25]:25: EHLO..."
         );
     }
 }

@@ -1,13 +1,13 @@
 //! Loading the kernel object, attaching it to interfaces (TCX where the kernel
 //! has it, clsact otherwise) and filling its configuration and allowlist maps.
 
-use std::{fmt, net::IpAddr, path::Path};
+use std::{fmt, net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        MapData, PerCpuArray, RingBuf,
+        HashMap, MapData, PerCpuArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -15,9 +15,12 @@ use aya::{
         tc::{NlOptions, TcAttachOptions},
     },
 };
-use spamdelay_common::{MAX_PORTS, Stat};
+use spamdelay_common::{
+    ClientAddr, FAMILY_V4, FAMILY_V6, MAX_PORTS, PAYLOAD_CAPTURE, Stat,
+    flow::{PIPECONNECT_ALL, PIPECONNECT_LISTED, PIPECONNECT_OFF, ProbeKey},
+};
 
-use crate::allow::Cidr;
+use crate::{allow::Cidr, mta::Pipeconnect};
 
 /// The kernel object from `cargo xtask build-ebpf`, embedded by build.rs.
 pub static OBJECT: &[u8] =
@@ -48,9 +51,15 @@ impl fmt::Display for AttachMode {
 #[derive(Clone, Debug)]
 pub struct KernelConfig {
     pub ports: Vec<u16>,
+    /// Verified flows followed at once, and handshakes in progress.
     pub max_flows: u32,
-    /// The MTA advertises PIPECONNECT: one early `EHLO` line is allowed.
-    pub pipeconnect: bool,
+    /// To whom the MTA advertises PIPECONNECT: those who passed before may
+    /// talk ahead of the banner.
+    pub pipeconnect: Pipeconnect,
+    /// How long a pass counts for that.
+    pub pass_ttl: Duration,
+    /// Benign probes: early talk that is exactly one of these is a PROBE.
+    pub probes: Vec<Vec<u8>>,
 }
 
 impl Default for KernelConfig {
@@ -58,7 +67,9 @@ impl Default for KernelConfig {
         KernelConfig {
             ports: vec![25],
             max_flows: 65536,
-            pipeconnect: false,
+            pipeconnect: Pipeconnect::Off,
+            pass_ttl: Duration::from_secs(86400),
+            probes: Vec::new(),
         }
     }
 }
@@ -73,10 +84,18 @@ pub fn load(config: &KernelConfig) -> Result<Ebpf> {
     // Unused slots repeat the first port, so they can never match anything else.
     let mut slots = [first; MAX_PORTS];
     slots[..ports.len()].copy_from_slice(ports);
+    let mode = match config.pipeconnect {
+        Pipeconnect::Off => PIPECONNECT_OFF,
+        Pipeconnect::All => PIPECONNECT_ALL,
+        Pipeconnect::Hosts(_) => PIPECONNECT_LISTED,
+    };
+    let ttl_ns = u64::try_from(config.pass_ttl.as_nanos()).unwrap_or(u64::MAX);
     let mut ebpf = EbpfLoader::new()
         .override_global("PORTS", &slots, true)
-        .override_global("PIPECONNECT", &u8::from(config.pipeconnect), true)
+        .override_global("PIPECONNECT", &mode, true)
+        .override_global("PASS_TTL_NS", &ttl_ns, true)
         .map_max_entries("FLOWS", max_flows)
+        .map_max_entries("HALF_OPEN", max_flows)
         .load(OBJECT)
         .map_err(|e| {
             anyhow!(
@@ -91,7 +110,69 @@ pub fn load(config: &KernelConfig) -> Result<Ebpf> {
         prog.load()
             .map_err(|e| anyhow!("the kernel refused program {name}: {}", describe(&e)))?;
     }
+    if let Pipeconnect::Hosts(nets) = &config.pipeconnect {
+        fill_tries(
+            &mut ebpf,
+            ("PIPE_V4", "PIPE_V6"),
+            nets,
+            "the PIPECONNECT hosts",
+        )?;
+    }
+    fill_probes(&mut ebpf, &config.probes)?;
     Ok(ebpf)
+}
+
+/// Writes the benign probes into the kernel's `PROBES` map.
+fn fill_probes(ebpf: &mut Ebpf, probes: &[Vec<u8>]) -> Result<()> {
+    let mut map: HashMap<&mut MapData, ProbeKey, u8> =
+        HashMap::try_from(ebpf.map_mut("PROBES").context("map PROBES missing")?)?;
+    for probe in probes {
+        let mut key = ProbeKey {
+            len: probe.len() as u32,
+            bytes: [0; PAYLOAD_CAPTURE],
+        };
+        key.bytes
+            .get_mut(..probe.len())
+            .with_context(|| format!("a benign probe is at most {PAYLOAD_CAPTURE} bytes"))?
+            .copy_from_slice(probe);
+        map.insert(key, 1, 0).context("adding a benign probe")?;
+    }
+    Ok(())
+}
+
+/// The kernel's key for a client address.
+pub fn client_addr(ip: IpAddr) -> ClientAddr {
+    let (addr, family) = match ip {
+        IpAddr::V4(a) => {
+            let mut raw = [0u8; 16];
+            raw[..4].copy_from_slice(&a.octets());
+            (raw, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    };
+    ClientAddr {
+        addr,
+        family,
+        _pad: [0; 3],
+    }
+}
+
+/// Gives the kernel back the clients that passed before a restart, each
+/// with the CLOCK_BOOTTIME ns its pass expires at. Returns how many.
+pub fn restore_passers(
+    ebpf: &mut Ebpf,
+    passers: impl Iterator<Item = (IpAddr, u64)>,
+) -> Result<usize> {
+    // aya's HashMap handles LRU hash maps too.
+    let mut map: HashMap<&mut MapData, ClientAddr, u64> =
+        HashMap::try_from(ebpf.map_mut("PASSERS").context("map PASSERS missing")?)?;
+    let mut n = 0;
+    for (ip, expires) in passers {
+        map.insert(client_addr(ip), expires, 0)
+            .with_context(|| format!("restoring the pass of {ip}"))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Between one and `MAX_PORTS` ports.
@@ -162,30 +243,43 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode> {
 
 /// Writes the allowlist into the kernel's LPM tries.
 pub fn fill_allowlist(ebpf: &mut Ebpf, cidrs: &[Cidr]) -> Result<()> {
-    let v4 = cidrs.iter().filter_map(|c| match c.addr() {
-        IpAddr::V4(a) => Some((c, a.octets())),
+    let on: Vec<(Cidr, bool)> = cidrs.iter().map(|c| (*c, true)).collect();
+    fill_tries(ebpf, ("ALLOW_V4", "ALLOW_V6"), &on, "the allowlist")
+}
+
+/// Writes networks into a pair of LPM tries (IPv4, IPv6), each with the
+/// value 1 (in) or 0 (excluded).
+fn fill_tries(
+    ebpf: &mut Ebpf,
+    (v4, v6): (&str, &str),
+    nets: &[(Cidr, bool)],
+    what: &str,
+) -> Result<()> {
+    let four = nets.iter().filter_map(|(c, on)| match c.addr() {
+        IpAddr::V4(a) => Some((c, *on, a.octets())),
         IpAddr::V6(_) => None,
     });
-    insert_prefixes(ebpf, "ALLOW_V4", v4)?;
-    let v6 = cidrs.iter().filter_map(|c| match c.addr() {
-        IpAddr::V6(a) => Some((c, a.octets())),
+    insert_prefixes(ebpf, v4, four, what)?;
+    let six = nets.iter().filter_map(|(c, on)| match c.addr() {
+        IpAddr::V6(a) => Some((c, *on, a.octets())),
         IpAddr::V4(_) => None,
     });
-    insert_prefixes(ebpf, "ALLOW_V6", v6)
+    insert_prefixes(ebpf, v6, six, what)
 }
 
 fn insert_prefixes<'c, const N: usize>(
     ebpf: &mut Ebpf,
     map: &str,
-    entries: impl Iterator<Item = (&'c Cidr, [u8; N])>,
+    entries: impl Iterator<Item = (&'c Cidr, bool, [u8; N])>,
+    what: &str,
 ) -> Result<()> {
     let mut trie: LpmTrie<&mut MapData, [u8; N], u8> = LpmTrie::try_from(
         ebpf.map_mut(map)
             .with_context(|| format!("map {map} missing"))?,
     )?;
-    for (cidr, addr) in entries {
-        trie.insert(&Key::new(cidr.prefix_len().into(), addr), 1, 0)
-            .with_context(|| format!("adding {cidr} to the allowlist"))?;
+    for (cidr, on, addr) in entries {
+        trie.insert(&Key::new(cidr.prefix_len().into(), addr), u8::from(on), 0)
+            .with_context(|| format!("adding {cidr} to {what}"))?;
     }
     Ok(())
 }

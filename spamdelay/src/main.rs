@@ -29,7 +29,7 @@ fn main() -> ExitCode {
             rt.block_on(async {
                 let store = Store::new(&cli.state_dir);
                 match cli.command {
-                    Command::Run(args) => spamdelay::daemon::run(args, cli.state_dir).await,
+                    Command::Run(args) => spamdelay::daemon::run(*args, cli.state_dir).await,
                     Command::List { json } => admin::list(&store, json),
                     Command::Ban { cidr, time, reason } => {
                         admin::ban(&store, cidr, time, &reason).await

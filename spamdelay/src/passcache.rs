@@ -26,32 +26,44 @@ pub enum Format {
     SendmailAccess,
     /// `198.51.100.7/32 permit` lines: a cidr table for postscreen_access_list.
     PostfixCidr,
-    /// `198.51.100.7: pass` lines for an Exim `iplsearch` host list.
+    /// `198.51.100.7: pass` lines for an Exim `net-iplsearch;FILE` host list.
     EximLsearch,
     /// One address per line.
     Plain,
 }
 
 impl Format {
-    fn line(self, ip: &IpAddr) -> String {
+    /// The file's line for one client.
+    pub fn line(self, ip: &IpAddr) -> String {
         match (self, ip) {
             (Format::SendmailAccess, IpAddr::V4(a)) => format!("GreetPause:{a}\t0"),
             (Format::SendmailAccess, IpAddr::V6(a)) => format!("GreetPause:IPv6:{a}\t0"),
             (Format::PostfixCidr, IpAddr::V4(a)) => format!("{a}/32 permit"),
             (Format::PostfixCidr, IpAddr::V6(a)) => format!("[{a}]/128 permit"),
             (Format::EximLsearch, IpAddr::V4(a)) => format!("{a}: pass"),
-            // iplsearch keys with colons are written with the mask.
-            (Format::EximLsearch, IpAddr::V6(a)) => format!("{a}/128: pass"),
+            // Quoted: iplsearch ends a bare key at its first colon (`2001`),
+            // which never matches.
+            (Format::EximLsearch, IpAddr::V6(a)) => format!("\"{a}\": pass"),
             (Format::Plain, a) => a.to_string(),
         }
     }
 }
 
-pub struct PassCache {
-    pub file: PathBuf,
+/// The file an MTA reads, and how it is written.
+#[derive(Clone, Debug)]
+pub struct PassFile {
+    pub path: PathBuf,
     pub format: Format,
-    pub ttl: Duration,
+    /// Run after each rewrite (`makemap ...`, `postfix reload`).
     pub reload: Option<String>,
+}
+
+/// Every client that passed within the TTL, kept in the state directory
+/// whatever else is configured: the kernel's PIPECONNECT exemption is
+/// restored from it at start. With a `PassFile`, also written for the MTA.
+pub struct PassCache {
+    pub file: Option<PassFile>,
+    pub ttl: Duration,
     state: PathBuf,
     /// Client address to the time of its last pass (unix seconds).
     passes: HashMap<IpAddr, u64>,
@@ -60,27 +72,36 @@ pub struct PassCache {
 
 impl PassCache {
     /// Opens the cache, with what was remembered across restarts in `state_dir`.
-    pub fn open(
-        file: PathBuf,
-        format: Format,
-        ttl: Duration,
-        reload: Option<String>,
-        state_dir: &Path,
-    ) -> Self {
+    pub fn open(file: Option<PassFile>, ttl: Duration, state_dir: &Path) -> Self {
         let state = state_dir.join(STATE_FILE);
-        let passes = fs::read(&state)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        // A lost state only costs the clients one more pause: no reason to stop.
+        let passes = match fs::read(&state).map(|b| parse_state(&b)) {
+            Ok(Ok(passes)) => passes,
+            Ok(Err(e)) => {
+                log::warn!(
+                    "pass cache state {} is corrupt ({e}): starting with no passes",
+                    state.display()
+                );
+                HashMap::new()
+            }
+            Err(_) => HashMap::new(),
+        };
         PassCache {
             file,
-            format,
             ttl,
-            reload,
             state,
             passes,
             dirty: true,
         }
+    }
+
+    /// Passes still within the TTL: (client, unix seconds of the pass).
+    pub fn live(&self, now: u64) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
+        let ttl = self.ttl.as_secs();
+        self.passes
+            .iter()
+            .filter(move |(_, t)| now.saturating_sub(**t) < ttl)
+            .map(|(a, t)| (*a, *t))
     }
 
     pub fn record(&mut self, ip: IpAddr, now: u64) {
@@ -93,8 +114,9 @@ impl PassCache {
     }
 
     /// Drops expired passes, keeps the newest `MAX_ENTRIES`, and rewrites the
-    /// file (then runs the reload command) when anything changed.
-    pub fn flush(&mut self, now: u64) -> Result<bool> {
+    /// state and the MTA's file (then runs its reload command) when anything
+    /// changed. `to_mta` false (a dry run) leaves the MTA's file alone.
+    pub fn flush(&mut self, now: u64, to_mta: bool) -> Result<bool> {
         let before = self.passes.len();
         let ttl = self.ttl.as_secs();
         self.passes.retain(|_, t| now.saturating_sub(*t) < ttl);
@@ -107,6 +129,11 @@ impl PassCache {
         if !self.dirty && self.passes.len() == before {
             return Ok(false);
         }
+        atomic_write(&self.state, &serde_json::to_vec(&self.passes)?)?;
+        self.dirty = false;
+        let Some(file) = self.file.as_ref().filter(|_| to_mta) else {
+            return Ok(true);
+        };
         let mut sorted: Vec<&IpAddr> = self.passes.keys().collect();
         sorted.sort();
         let mut text = format!(
@@ -114,12 +141,10 @@ impl PassCache {
             humantime::format_duration(self.ttl)
         );
         for ip in sorted {
-            let _ = writeln!(text, "{}", self.format.line(ip));
+            let _ = writeln!(text, "{}", file.format.line(ip));
         }
-        atomic_write(&self.file, text.as_bytes())?;
-        atomic_write(&self.state, &serde_json::to_vec(&self.passes)?)?;
-        self.dirty = false;
-        if let Some(cmd) = &self.reload {
+        atomic_write(&file.path, text.as_bytes())?;
+        if let Some(cmd) = &file.reload {
             let status = std::process::Command::new("sh")
                 .arg("-c")
                 .arg(cmd)
@@ -131,6 +156,11 @@ impl PassCache {
         }
         Ok(true)
     }
+}
+
+/// The state file's contents (`pass-cache.json`): each client's last pass.
+pub fn parse_state(bytes: &[u8]) -> serde_json::Result<HashMap<IpAddr, u64>> {
+    serde_json::from_slice(bytes)
 }
 
 fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -161,6 +191,7 @@ mod tests {
         );
         assert_eq!(Format::PostfixCidr.line(&v6), "[2001:db8::7]/128 permit");
         assert_eq!(Format::EximLsearch.line(&v4), "198.51.100.7: pass");
+        assert_eq!(Format::EximLsearch.line(&v6), "\"2001:db8::7\": pass");
         assert_eq!(Format::Plain.line(&v6), "2001:db8::7");
     }
 
@@ -169,29 +200,28 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("spamdelay-pass-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let file = dir.join("pass");
-        let mut c = PassCache::open(
-            file.clone(),
-            Format::Plain,
-            Duration::from_secs(10),
-            None,
-            &dir,
-        );
+        let pass_file = PassFile {
+            path: file.clone(),
+            format: Format::Plain,
+            reload: None,
+        };
+        let mut c = PassCache::open(Some(pass_file), Duration::from_secs(10), &dir);
         c.record("198.51.100.1".parse().unwrap(), 100);
         c.record("198.51.100.2".parse().unwrap(), 105);
-        assert!(c.flush(106).unwrap());
+        assert!(c.flush(106, true).unwrap());
         assert!(
             fs::read_to_string(&file)
                 .unwrap()
                 .ends_with("198.51.100.1\n198.51.100.2\n")
         );
-        assert!(!c.flush(107).unwrap(), "nothing changed");
-        assert!(c.flush(111).unwrap(), "the first expired");
+        assert!(!c.flush(107, true).unwrap(), "nothing changed");
+        assert!(c.flush(111, true).unwrap(), "the first expired");
         assert!(
             fs::read_to_string(&file)
                 .unwrap()
                 .ends_with("\n198.51.100.2\n")
         );
-        let again = PassCache::open(file, Format::Plain, Duration::from_secs(10), None, &dir);
+        let again = PassCache::open(None, Duration::from_secs(10), &dir);
         assert!(
             again.contains(&"198.51.100.2".parse().unwrap()),
             "remembered across restarts"

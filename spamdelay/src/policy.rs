@@ -5,11 +5,7 @@ use std::{net::IpAddr, time::Duration};
 
 use spamdelay_common::Verdict;
 
-use crate::{
-    allow::Cidr,
-    bans::Ban,
-    events::{Report, escape},
-};
+use crate::{allow::Cidr, bans::Ban, events::Report};
 
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -48,16 +44,12 @@ impl Policy {
     pub fn offence(&self, r: &Report) -> Option<Offence> {
         let reason = match r.verdict {
             Verdict::EarlyTalk => {
-                let mut reason = format!(
+                format!(
                     "early-talk {}B after {:.2}s: {}",
                     r.bytes,
                     r.after.as_secs_f64(),
-                    escape(&r.payload)
-                );
-                if r.bytes as usize > r.payload.len() {
-                    reason.push_str("...");
-                }
-                reason
+                    r.shown_payload()
+                )
             }
             Verdict::Quit if self.ban_quitters && self.greet_pause.is_none_or(|p| r.after < p) => {
                 match self.greet_pause {
@@ -69,7 +61,7 @@ impl Policy {
                     None => format!("quit after {:.2}s", r.after.as_secs_f64()),
                 }
             }
-            Verdict::Quit | Verdict::Pass | Verdict::EarlyEhlo => return None,
+            Verdict::Quit | Verdict::Pass | Verdict::Pipeconnect | Verdict::Probe => return None,
         };
         Some(Offence {
             cidr: self.network(r.client.ip()),
@@ -136,6 +128,8 @@ mod tests {
             after: Duration::from_millis(213),
             bytes: 11,
             payload: b"EHLO x\r\n\"".to_vec(),
+            how: 0,
+            passed_at: None,
         }
     }
 
@@ -193,7 +187,12 @@ mod tests {
         );
         assert!(
             paused
-                .offence(&report(Verdict::EarlyEhlo, "198.51.100.7:1"))
+                .offence(&report(Verdict::Pipeconnect, "198.51.100.7:1"))
+                .is_none()
+        );
+        assert!(
+            paused
+                .offence(&report(Verdict::Probe, "198.51.100.7:1"))
                 .is_none()
         );
     }

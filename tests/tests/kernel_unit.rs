@@ -37,14 +37,6 @@ impl Kernel {
         Self::load_with(loader::KernelConfig::default())
     }
 
-    /// The object as loaded for an MTA that advertises PIPECONNECT.
-    fn load_pipeconnect() -> Self {
-        Self::load_with(loader::KernelConfig {
-            pipeconnect: true,
-            ..Default::default()
-        })
-    }
-
     fn load_with(config: loader::KernelConfig) -> Self {
         let mut ebpf = loader::load(&config).expect("loading the kernel object");
         let events = loader::take_events(&mut ebpf).expect("taking the ring buffer");
@@ -325,17 +317,25 @@ fn payload_with_wrong_handshake_ack_is_unverified() {
 }
 
 #[test]
-fn payload_with_wrong_handshake_seq_is_unverified() {
-    if !privileged("payload_with_wrong_handshake_seq_is_unverified") {
+fn out_of_order_data_on_the_handshake_ack_verifies_but_is_not_talk() {
+    if !privileged("out_of_order_data_on_the_handshake_ack_verifies_but_is_not_talk") {
         return;
     }
     let mut k = Kernel::load();
     let conv = Conversation::v4("198.51.100.6:40008");
     k.server_sends(&conv.syn_ack());
+    // In the SYN-ACK's window (tcp_in_window), so Linux completes the
+    // handshake, but one byte past C: held out of order, not delivered.
     k.client_sends(&conv.client_data(1, EHLO));
     k.expect_none("payload not continuing the client's sequence");
     assert_eq!(k.stat(Stat::UnverifiedPayload), 1);
-    assert_eq!(k.stat(Stat::FlowsTracked), 0);
+    assert_eq!(k.stat(Stat::FlowsTracked), 1);
+    // Outside the window: not even the handshake.
+    let far = Conversation::v4("198.51.100.6:40036");
+    k.server_sends(&far.syn_ack());
+    k.client_sends(&far.client_data(70_000, EHLO));
+    k.expect_none("outside the SYN-ACK's window");
+    assert_eq!(k.stat(Stat::FlowsTracked), 1);
 }
 
 #[test]
@@ -353,35 +353,47 @@ fn payload_without_handshake_is_unverified() {
 }
 
 #[test]
-fn payload_outside_the_client_window_is_unverified() {
-    if !privileged("payload_outside_the_client_window_is_unverified") {
+fn data_starting_past_the_first_byte_is_held_back_not_talk() {
+    if !privileged("data_starting_past_the_first_byte_is_held_back_not_talk") {
         return;
     }
     let mut k = Kernel::load();
     let conv = Conversation::v4("198.51.100.8:40010");
     conv.handshake(&k);
-    // One byte before C, and far ahead: blind guesses, not this client.
-    for offset in [u32::MAX, 1 << 20, 1 << 31] {
+    // Out of order (Linux queues it until the gap fills) or out of the
+    // window (dropped): nothing reaches the MTA.
+    for offset in [1, 1 << 16, 1 << 20, 1 << 31] {
         k.client_sends(&conv.client_data(offset, EHLO));
     }
-    k.expect_none("segments outside [C, C + 65536)");
-    assert_eq!(k.stat(Stat::UnverifiedPayload), 3);
-    // The last believable sequence number still counts.
-    k.client_sends(&conv.client_data((1 << 16) - 1, EHLO));
-    k.expect_early_talk(&conv, EHLO);
+    k.expect_none("segments after C");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 4);
+    // Whatever fills the gap from C is delivered, with what it counts.
+    k.client_sends(&conv.client_data(0, b"E"));
+    k.expect_early_talk(&conv, b"E");
 }
 
 #[test]
-fn payload_just_past_the_client_window_is_unverified() {
-    if !privileged("payload_just_past_the_client_window_is_unverified") {
+fn data_overlapping_the_first_byte_counts_the_part_past_it() {
+    if !privileged("data_overlapping_the_first_byte_counts_the_part_past_it") {
         return;
     }
     let mut k = Kernel::load();
-    let conv = Conversation::v4("198.51.100.8:40034");
+    let payload = pattern(1100);
+    for (port, before) in [(40034u16, 1usize), (40037, 1000), (40038, 1024)] {
+        let conv = Conversation::v4(&format!("198.51.100.8:{port}"));
+        conv.handshake(&k);
+        // Linux trims the bytes before C and delivers the 25 after it.
+        let seg = conv.client_data((before as u32).wrapping_neg(), &payload[..before + 25]);
+        k.client_sends(&seg);
+        k.expect_early_talk(&conv, &payload[before..before + 25]);
+    }
+    // Old bytes only (a segment ending at C): a duplicate, dropped.
+    let conv = Conversation::v4("198.51.100.8:40039");
     conv.handshake(&k);
-    k.client_sends(&conv.client_data(1 << 16, EHLO));
-    k.expect_none("a segment starting at C + 65536, outside [C, C + 65536)");
-    assert_eq!(k.stat(Stat::UnverifiedPayload), 1);
+    k.client_sends(&conv.client_data(100u32.wrapping_neg(), &payload[..100]));
+    k.expect_none("bytes before C only");
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect(&conv, Verdict::Pass);
 }
 
 #[test]
@@ -400,8 +412,11 @@ fn sequence_numbers_wrapping_past_zero_are_followed() {
     let mut blind = Conversation::v4("198.51.100.9:40012");
     blind.client_next = u32::MAX - 3;
     blind.handshake(&k);
-    k.client_sends(&blind.client_data(10, EHLO));
-    k.expect_early_talk(&blind, EHLO);
+    // Starting 10 bytes before C, ending after the wrap.
+    let mut seg = blind.client_data(0, EHLO);
+    seg.seq = blind.client_next.wrapping_sub(10);
+    k.client_sends(&seg);
+    k.expect_early_talk(&blind, &EHLO[10..]);
 }
 
 #[test]
@@ -552,14 +567,14 @@ fn jumbo_payload_is_counted_where_test_runs_allow_it() {
 }
 
 #[test]
-fn syn_with_data_is_not_talk() {
-    if !privileged("syn_with_data_is_not_talk") {
+fn syn_data_the_server_did_not_take_is_not_talk() {
+    if !privileged("syn_data_the_server_did_not_take_is_not_talk") {
         return;
     }
     let mut k = Kernel::load();
     let conv = Conversation::v4("198.51.100.18:40023");
-    // TCP Fast Open style: data on the client's SYN, before and after the
-    // server's SYN-ACK (a retransmission). Neither verifies the flow.
+    // Fast Open data the SYN-ACK does not acknowledge (no cookie, or TFO
+    // off): the server dropped it, and the client must send it again.
     let syn = Tcp::new(conv.client, conv.server)
         .seq(conv.client_next.wrapping_sub(1))
         .flags(SYN)
@@ -568,11 +583,51 @@ fn syn_with_data_is_not_talk() {
     k.server_sends(&conv.syn_ack());
     k.client_sends(&syn);
     k.expect_none("data on a SYN");
-    assert_eq!(k.stat(Stat::UnverifiedPayload), 2);
     // The flow is still waiting for its real handshake ACK.
     k.client_sends(&conv.ack());
     k.server_sends(&conv.server_data(0, GREETING));
     k.expect(&conv, Verdict::Pass);
+}
+
+#[test]
+fn fast_open_syn_data_the_server_took_is_early_talk_once_verified() {
+    if !privileged("fast_open_syn_data_the_server_took_is_early_talk_once_verified") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let mut conv = Conversation::v4("198.51.100.18:40040");
+    let isn = conv.client_next.wrapping_sub(1);
+    let syn = Tcp::new(conv.client, conv.server)
+        .seq(isn)
+        .flags(SYN)
+        .payload(EHLO);
+    k.client_sends(&syn);
+    // The SYN-ACK acknowledges the data: C = ISN + 1 + len.
+    conv.client_next = conv.client_next.wrapping_add(EHLO.len() as u32);
+    k.server_sends(&conv.syn_ack());
+    k.expect_none("not before the handshake is verified");
+    k.client_sends(&conv.ack());
+    let r = k.expect(&conv, Verdict::EarlyTalk);
+    assert_eq!((r.bytes as usize, &r.payload[..]), (EHLO.len(), EHLO));
+    assert_eq!(r.how, spamdelay_common::event::HOW_SYN);
+    // A forged SYN with data and no handshake: never a verdict.
+    let forged = Conversation::v4("198.51.100.18:40041");
+    k.client_sends(
+        &Tcp::new(forged.client, forged.server)
+            .seq(forged.client_next.wrapping_sub(1))
+            .flags(SYN)
+            .payload(EHLO),
+    );
+    let mut acked = forged.syn_ack();
+    acked.ack = forged.client_next.wrapping_add(EHLO.len() as u32);
+    k.server_sends(&acked);
+    k.client_sends(&acked_by_guess(&forged));
+    k.expect_none("Fast Open data without a verified handshake");
+}
+
+/// An ACK from a forger who guessed the server's ISN wrong.
+fn acked_by_guess(conv: &Conversation) -> Tcp {
+    conv.ack().ack(conv.server_isn.wrapping_add(12345))
 }
 
 // Malformed and adversarial input: never a drop, never a verdict.
@@ -651,21 +706,31 @@ fn ipv4_options_shift_the_tcp_header() {
 }
 
 #[test]
-fn ipv4_fragments_are_ignored() {
-    if !privileged("ipv4_fragments_are_ignored") {
+fn ipv4_first_fragment_of_early_data_is_early_talk() {
+    if !privileged("ipv4_first_fragment_of_early_data_is_early_talk") {
         return;
     }
     let mut k = Kernel::load();
     let conv = Conversation::v4("198.51.100.23:40027");
     conv.handshake(&k);
-    for (offset, more) in [(0, true), (185, false), (185, true)] {
+    // Later fragments hold no TCP header: nothing to judge.
+    for (offset, more) in [(185, false), (185, true)] {
         let mut seg = conv.client_data(0, EHLO);
         seg.fragment = Some(Fragment { offset, more });
         k.client_sends(&seg);
     }
-    k.expect_none("fragments");
-    k.client_sends(&conv.client_data(0, EHLO));
-    k.expect_early_talk(&conv, EHLO);
+    k.expect_none("later fragments");
+    // The first one carries the header: in-order data, more to come.
+    let mut seg = conv.client_data(0, EHLO);
+    seg.fragment = Some(Fragment {
+        offset: 0,
+        more: true,
+    });
+    k.client_sends(&seg);
+    let r = k.expect(&conv, Verdict::EarlyTalk);
+    assert_eq!(r.how, spamdelay_common::event::HOW_FRAGMENT);
+    assert_eq!(r.payload, EHLO);
+    assert_eq!(k.stat(Stat::Fragments), 1);
 }
 
 #[test]
@@ -689,19 +754,23 @@ fn ipv6_extension_headers_before_tcp_are_walked() {
 }
 
 #[test]
-fn ipv6_fragment_header_is_ignored() {
-    if !privileged("ipv6_fragment_header_is_ignored") {
+fn ipv6_first_fragment_is_judged_and_later_ones_ignored() {
+    if !privileged("ipv6_first_fragment_is_judged_and_later_ones_ignored") {
         return;
     }
     let mut k = Kernel::load();
     let conv = Conversation::v6("[2001:db8::1:25]:40029");
     conv.handshake(&k);
-    let mut seg = conv.client_data(0, EHLO);
-    seg.ipv6_ext = vec![Ipv6Ext::Fragment(Fragment {
-        offset: 0,
-        more: true,
-    })];
-    assert_ignored_then_flag(&mut k, &conv, &seg.frame());
+    let fragment = |offset, more| {
+        let mut seg = conv.client_data(0, EHLO);
+        seg.ipv6_ext = vec![Ipv6Ext::Fragment(Fragment { offset, more })];
+        seg
+    };
+    k.client_sends(&fragment(8, false));
+    k.expect_none("a later fragment");
+    k.client_sends(&fragment(0, true));
+    let r = k.expect(&conv, Verdict::EarlyTalk);
+    assert_eq!(r.how, spamdelay_common::event::HOW_FRAGMENT);
 }
 
 // The IP layer drops a packet shorter than its header says (ip_rcv_core,
@@ -769,76 +838,6 @@ fn ipv6_truncated_extension_header_is_ignored() {
     // The frame ends inside the options header.
     let frame = seg.frame();
     assert_ignored_then_flag(&mut k, &conv, &frame[..ETH_HLEN + IPV6_HLEN + 1]);
-}
-
-// PIPECONNECT: one EHLO line may go ahead of the banner where the MTA says so.
-
-const EARLY_EHLO: &[u8] = b"EHLO client.example\r\n";
-
-#[test]
-fn one_early_ehlo_line_is_allowed_with_pipeconnect() {
-    if !privileged("one_early_ehlo_line_is_allowed_with_pipeconnect") {
-        return;
-    }
-    let mut k = Kernel::load_pipeconnect();
-    let conv = Conversation::v4("198.51.100.40:40100");
-    conv.handshake(&k);
-    k.client_sends(&conv.client_data(0, EARLY_EHLO));
-    let r = k.expect(&conv, Verdict::EarlyEhlo);
-    assert_eq!(r.payload, EARLY_EHLO);
-    // Its retransmission is not more talk.
-    k.client_sends(&conv.client_data(0, EARLY_EHLO));
-    k.expect_none("a retransmitted early EHLO");
-    k.server_sends(&conv.server_data(0, GREETING));
-    k.expect(&conv, Verdict::Pass);
-    assert_eq!(k.stat(Stat::EarlyEhlo), 1);
-    assert_eq!(k.stat(Stat::EarlyTalk), 0);
-}
-
-#[test]
-fn more_than_one_early_ehlo_line_is_early_talk_even_with_pipeconnect() {
-    if !privileged("more_than_one_early_ehlo_line_is_early_talk_even_with_pipeconnect") {
-        return;
-    }
-    let mut k = Kernel::load_pipeconnect();
-    // EHLO and MAIL in one segment.
-    let both = b"EHLO client.example\r\nMAIL FROM:<a@example.com>\r\n";
-    let conv = Conversation::v4("198.51.100.41:40101");
-    conv.handshake(&k);
-    k.client_sends(&conv.client_data(0, both));
-    k.expect_early_talk(&conv, both);
-    // EHLO, then MAIL before the greeting.
-    let conv = Conversation::v4("198.51.100.42:40102");
-    conv.handshake(&k);
-    k.client_sends(&conv.client_data(0, EARLY_EHLO));
-    k.expect(&conv, Verdict::EarlyEhlo);
-    let mail = b"MAIL FROM:<a@example.com>\r\n";
-    k.client_sends(&conv.client_data(EARLY_EHLO.len() as u32, mail));
-    k.expect_early_talk(&conv, mail);
-    // Not an EHLO, or not a whole line.
-    for (port, payload) in [
-        (40103, &b"HELO client.example\r\n"[..]),
-        (40104, b"EHLO client.example"),
-        (40105, b"EHLO a\nb\r\n"),
-    ] {
-        let conv = Conversation::v4(&format!("198.51.100.43:{port}"));
-        conv.handshake(&k);
-        k.client_sends(&conv.client_data(0, payload));
-        k.expect_early_talk(&conv, payload);
-    }
-}
-
-#[test]
-fn early_ehlo_is_early_talk_without_pipeconnect() {
-    if !privileged("early_ehlo_is_early_talk_without_pipeconnect") {
-        return;
-    }
-    let mut k = Kernel::load();
-    let conv = Conversation::v4("198.51.100.44:40106");
-    conv.handshake(&k);
-    k.client_sends(&conv.client_data(0, EARLY_EHLO));
-    k.expect_early_talk(&conv, EARLY_EHLO);
-    assert_eq!(k.stat(Stat::EarlyEhlo), 0);
 }
 
 // Following the server's stream, and saying why when it cannot.

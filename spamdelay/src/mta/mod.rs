@@ -10,6 +10,8 @@ use std::{
 
 use anyhow::{Result, bail};
 
+use crate::allow::Cidr;
+
 pub mod exim;
 pub mod postfix;
 pub mod sendmail;
@@ -25,6 +27,17 @@ pub enum MtaKind {
     None,
 }
 
+/// To whom an MTA advertises PIPECONNECT.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Pipeconnect {
+    #[default]
+    Off,
+    All,
+    /// Networks in the MTA's host list, each advertised to (`true`) or
+    /// excluded (`false`, a `!` item). The most specific network decides.
+    Hosts(Vec<(Cidr, bool)>),
+}
+
 /// An MTA's settings that matter to spamdelay.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mta {
@@ -33,8 +46,9 @@ pub struct Mta {
     /// `[192.0.2.25]:25` or `port 25`.
     pub listen: String,
     pub greet_pause: Option<Duration>,
-    /// Whether the MTA lets PIPECONNECT clients send EHLO ahead of the banner.
-    pub pipeconnect: bool,
+    /// To whom the MTA advertises PIPECONNECT: those clients may talk ahead
+    /// of the banner once they have seen it advertised.
+    pub pipeconnect: Pipeconnect,
     /// What else was found, for the log line (`teaser banner on`, ...).
     pub details: Vec<String>,
     /// What the pause is called in this MTA's terms (`greet wait`, ...).

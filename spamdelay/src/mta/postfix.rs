@@ -3,11 +3,7 @@
 //! main.cf and master.cf directly, with Postfix's own defaults; `$name` and
 //! `${name?{a}:{b}}` are evaluated as Postfix does when not under stress.
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{collections::HashMap, path::Path, process::Command};
 
 use anyhow::{Context, Result};
 
@@ -29,26 +25,59 @@ const DEFAULTS: &[(&str, &str)] = &[
 
 pub fn read(dir: &Path) -> Result<Mta> {
     let main_cf = need(dir.join("main.cf"), "Postfix's main.cf")?;
-    let params = Params::load(dir, &main_cf)?;
-    let services = master_services(dir)?;
+    // `postconf` where installed: what the admin set (`-n`), the services (`-M`).
+    let main = match postconf(dir, "-n") {
+        Some(text) => text,
+        None => std::fs::read_to_string(&main_cf)
+            .with_context(|| format!("reading {}", main_cf.display()))?,
+    };
+    let master = match postconf(dir, "-M") {
+        Some(text) => text,
+        None => {
+            let path = need(dir.join("master.cf"), "Postfix's master.cf")?;
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
+        }
+    };
+    let Some(mta) = from_text(&main, &master) else {
+        anyhow::bail!(
+            "no inet smtpd or postscreen service in {}/master.cf",
+            dir.display()
+        );
+    };
+    Ok(mta)
+}
+
+/// `postconf -c DIR FLAG`'s output, or `None` where it cannot run.
+fn postconf(dir: &Path, flag: &str) -> Option<String> {
+    let out = Command::new("postconf")
+        .arg("-c")
+        .arg(dir)
+        .arg(flag)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// main.cf's and master.cf's text to the settings spamdelay follows; `None`
+/// when master.cf has no inet smtpd or postscreen service.
+pub fn from_text(main_cf: &str, master_cf: &str) -> Option<Mta> {
+    let params = Params::new(main_cf);
+    let services = master_services(master_cf);
     let postscreen = services
         .iter()
         .find(|s| s.kind == "inet" && s.command == "postscreen");
     let smtpd = services
         .iter()
         .find(|s| s.kind == "inet" && s.command == "smtpd");
-    let Some(service) = postscreen.or(smtpd) else {
-        anyhow::bail!(
-            "no inet smtpd or postscreen service in {}/master.cf",
-            dir.display()
-        );
-    };
+    let service = postscreen.or(smtpd)?;
     let listen = listen(&service.name, &params.get("inet_interfaces"));
     let mut mta = Mta {
         name: String::new(),
         listen,
         greet_pause: None,
-        pipeconnect: false,
+        pipeconnect: super::Pipeconnect::Off,
         details: Vec::new(),
         pause_word: "greet wait",
         how_to_pause: "run postscreen for port 25 in master.cf and set postscreen_greet_wait (e.g. 6s) with postscreen_greet_action = enforce",
@@ -72,7 +101,7 @@ pub fn read(dir: &Path) -> Result<Mta> {
     } else {
         mta.name = "postfix smtpd".into();
     }
-    Ok(mta)
+    Some(mta)
 }
 
 /// `[192.0.2.25]:25` when Postfix listens on one address, `port 25` else.
@@ -101,24 +130,14 @@ struct Params {
 }
 
 impl Params {
-    /// From `postconf -c DIR -n` where installed (what the admin set), else main.cf.
-    fn load(dir: &Path, main_cf: &PathBuf) -> Result<Self> {
-        let text = match Command::new("postconf")
-            .arg("-c")
-            .arg(dir)
-            .arg("-n")
-            .output()
-        {
-            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-            _ => std::fs::read_to_string(main_cf)
-                .with_context(|| format!("reading {}", main_cf.display()))?,
-        };
+    /// main.cf's settings over Postfix's defaults.
+    fn new(main_cf: &str) -> Self {
         let mut raw: HashMap<String, String> = DEFAULTS
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        raw.extend(parse_main_cf(&text));
-        Ok(Params { raw })
+        raw.extend(parse_main_cf(main_cf));
+        Params { raw }
     }
 
     /// A parameter's value with `$name` references evaluated.
@@ -244,22 +263,9 @@ struct Service {
     command: String,
 }
 
-/// master.cf's services (`postconf -M` where installed).
-fn master_services(dir: &Path) -> Result<Vec<Service>> {
-    let text = match Command::new("postconf")
-        .arg("-c")
-        .arg(dir)
-        .arg("-M")
-        .output()
-    {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-        _ => {
-            let path = need(dir.join("master.cf"), "Postfix's master.cf")?;
-            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
-        }
-    };
-    Ok(text
-        .lines()
+/// master.cf's services (in `postconf -M`'s output or the file itself).
+fn master_services(text: &str) -> Vec<Service> {
+    text.lines()
         .filter(|l| !l.trim_start().starts_with('#') && !l.starts_with([' ', '\t']))
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
@@ -269,36 +275,31 @@ fn master_services(dir: &Path) -> Result<Vec<Service>> {
                 command: f[7].into(),
             })
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn params(main_cf: &str) -> Params {
-        let mut raw: HashMap<String, String> = DEFAULTS
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        raw.extend(parse_main_cf(main_cf));
-        Params { raw }
-    }
-
     #[test]
     fn greet_wait_default_is_six_seconds_when_not_under_stress() {
-        assert_eq!(params("").get("postscreen_greet_wait"), "6s");
-        assert_eq!(params("stress = yes").get("postscreen_greet_wait"), "2s");
+        assert_eq!(Params::new("").get("postscreen_greet_wait"), "6s");
         assert_eq!(
-            params("postscreen_greet_wait = ${stress?{1}:{3}}s").get("postscreen_greet_wait"),
+            Params::new("stress = yes").get("postscreen_greet_wait"),
+            "2s"
+        );
+        assert_eq!(
+            Params::new("postscreen_greet_wait = ${stress?{1}:{3}}s").get("postscreen_greet_wait"),
             "3s"
         );
     }
 
     #[test]
     fn references_and_continuations_expand() {
-        let p =
-            params("myhostname = mx.example\nsmtpd_banner = $myhostname\n  ESMTP ${mail_name}\n");
+        let p = Params::new(
+            "myhostname = mx.example\nsmtpd_banner = $myhostname\n  ESMTP ${mail_name}\n",
+        );
         assert_eq!(p.get("smtpd_banner"), "mx.example ESMTP Postfix");
         assert_eq!(p.get("postscreen_greet_banner"), "mx.example ESMTP Postfix");
     }

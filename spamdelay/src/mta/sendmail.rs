@@ -13,12 +13,20 @@ pub const DEFAULT_CF: &str = "/etc/mail/sendmail.cf";
 pub fn read(cf: &Path) -> Result<Mta> {
     let cf = need(cf.to_path_buf(), "sendmail.cf")?;
     let text = std::fs::read_to_string(&cf).with_context(|| format!("reading {}", cf.display()))?;
-    let (pause, access) = from_cf(&text);
+    Ok(from_text(&text, |source| {
+        std::fs::read_to_string(source).ok()
+    }))
+}
+
+/// sendmail.cf's text to the settings spamdelay follows. `read_source` reads
+/// the access map's text source (a path named in the .cf), when it can.
+pub fn from_text(text: &str, read_source: impl FnOnce(&str) -> Option<String>) -> Mta {
+    let (pause, access) = from_cf(text);
     let mut details = Vec::new();
     if let Some(path) = access {
         // The map's text source sits beside its .db.
         let source = path.trim_end_matches(".db");
-        if let Ok(entries) = std::fs::read_to_string(source) {
+        if let Some(entries) = read_source(source) {
             let n = entries
                 .lines()
                 .filter(|l| l.trim_start().starts_with("GreetPause:"))
@@ -26,16 +34,16 @@ pub fn read(cf: &Path) -> Result<Mta> {
             details.push(format!("{n} GreetPause: entries in {source}"));
         }
     }
-    let port = daemon_port(&text);
-    Ok(Mta {
+    let port = daemon_port(text);
+    Mta {
         name: "sendmail".into(),
         listen: format!("port {port}"),
         greet_pause: pause,
-        pipeconnect: false,
+        pipeconnect: super::Pipeconnect::Off,
         details,
         pause_word: "greet pause",
         how_to_pause: "add FEATURE(`greet_pause', 6000) to the .mc file (needs FEATURE(`access_db')) and rebuild sendmail.cf",
-    })
+    }
 }
 
 /// The greet_pause ruleset's default (`$# 3000`, in ms) and the access map path.

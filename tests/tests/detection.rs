@@ -285,3 +285,76 @@ fn forged_segment_without_handshake_is_ignored() {
     let lines = s.stop();
     assert_eq!(counter(&lines, "unverified_payload"), Some(2), "{lines:#?}");
 }
+
+/// Thunderbird's account setup: `EHLO we-guess.mozilla.org` the moment it
+/// connects, then QUIT once the first reply is in.
+fn thunderbird_probe(src: std::net::IpAddr, dst: SocketAddr) -> anyhow::Result<u16> {
+    use std::io::{BufReader, Write};
+    let mut s = smtp::connect(src, dst)?;
+    let port = s.local_addr()?.port();
+    s.write_all(b"EHLO we-guess.mozilla.org\r\n")?;
+    smtp::read_reply(&mut BufReader::new(s.try_clone()?))?;
+    s.write_all(b"QUIT\r\n")?;
+    Ok(port)
+}
+
+/// The probe, and a moment later MAIL, before the greeting.
+fn probe_then_mail(src: std::net::IpAddr, dst: SocketAddr) -> anyhow::Result<u16> {
+    use std::io::Write;
+    let mut s = smtp::connect(src, dst)?;
+    let port = s.local_addr()?.port();
+    s.write_all(b"EHLO we-guess.mozilla.org\r\n")?;
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(b"MAIL FROM:<spam@example.com>\r\n")?;
+    Ok(port)
+}
+
+#[test]
+fn thunderbird_probe_is_a_probe_on_25_and_587_and_more_is_banned() {
+    if !privileged("thunderbird_probe_is_a_probe_on_25_and_587_and_more_is_banned") {
+        return;
+    }
+    let s = Scenario::with_ports(
+        Greeting::pause(1000),
+        &[25, 587],
+        &["--port", "25", "--port", "587"],
+    );
+    for (i, port) in [(0u8, 25u16), (1, 587)] {
+        let client = s.client(i, false, port, thunderbird_probe);
+        let line = s.verdict(client);
+        assert!(line.starts_with("PROBE 27 bytes after "), "{line}");
+        assert!(
+            line.ends_with(": EHLO we-guess.mozilla.org\\r\\n"),
+            "{line}"
+        );
+    }
+    let sneaky = s.client(2, false, 25, probe_then_mail);
+    assert!(s.verdict(sneaky).starts_with("PROBE "));
+    let talk = s
+        .daemon
+        .wait_for(
+            |l| l.starts_with("EARLY-TALK") && l.contains(&format!(":{} ", sneaky.port())),
+            VERDICT_WAIT,
+        )
+        .expect("the MAIL after the probe is early talk");
+    assert!(
+        talk.ends_with(": MAIL FROM:<spam@example.com>\\r\\n"),
+        "{talk}"
+    );
+    s.daemon
+        .wait_for(
+            |l| l.starts_with(&format!("ban [{}] ", sneaky.ip())),
+            VERDICT_WAIT,
+        )
+        .expect("the sneaky client is banned");
+    std::thread::sleep(QUIET_WAIT);
+    let lines = s.stop();
+    for i in [0u8, 1] {
+        let ip = Lab::client_v4(i);
+        assert!(
+            !lines.iter().any(|l| l.starts_with(&format!("ban [{ip}]"))),
+            "a probe is never banned: {lines:?}"
+        );
+    }
+    assert_eq!(counter(&lines, "probe"), Some(3));
+}

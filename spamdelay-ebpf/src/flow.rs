@@ -39,8 +39,11 @@
 //!   carries the TCP header, so the same rules apply to it, and in-order
 //!   data (seq <= C) in a fragmented segment is early talk: the fragments
 //!   after the first are TCP payload. An IPv4 first fragment too short for
-//!   the ack and flags (a "tiny fragment") counts only at seq = C exactly,
-//!   as hard to guess as an ack.
+//!   the ack and flags (a "tiny fragment", RFC 1858) counts at once at
+//!   seq = C exactly (as hard to guess as an ack); starting before C, it is
+//!   joined with the fragment at byte 8, which holds its ack and flags,
+//!   whichever comes first. IPv6 first fragments must hold the whole TCP
+//!   header (RFC 8200 4.5; Linux drops others).
 //! - **Fast Open**: SYN data that the SYN-ACK acknowledges (ack = client
 //!   ISN+1+len) was queued to the MTA with the SYN itself; it is early talk
 //!   once the handshake is verified.
@@ -70,10 +73,11 @@ use spamdelay_common::{
 use crate::{
     greeting::{Scan, scan_greeting},
     maps::{
-        ALLOW_V4, ALLOW_V6, EVENTS, FLOWS, HALF_OPEN, PASSERS, PIPE_V4, PIPE_V6, PROBES, SYN_DATA,
-        count, pass_ttl_ns, pipeconnect_mode,
+        ALLOW_V4, ALLOW_V6, EVENTS, FLOWS, FragKey, HALF_OPEN, PASSERS, PIPE_V4, PIPE_V6, PROBES,
+        SYN_DATA, TCP_TAILS, TINY_FIRSTS, TailPart, TinyFirst, count, pass_ttl_ns,
+        pipeconnect_mode,
     },
-    parse::{Part, Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, payload_bytes},
+    parse::{Part, Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpTail, payload_bytes},
     trace::{GiveUp, given_up},
 };
 
@@ -344,15 +348,36 @@ fn greeting_wait(ctx: &TcContext, key: &FlowKey, flow: &mut Flow, seg: &Segment)
         }
         return;
     }
+    let mut seg = *seg;
     if seg.part == Part::TinyFragment {
         if seg.seq == c {
             let talk = Talk::fragment(0);
             judge_talk(ctx, key, flow, &talk);
-        } else {
-            count(Stat::Unparsed);
+            return;
         }
-        return;
+        // Starting before C, it may still carry new bytes: its ack and
+        // flags are in the fragment at byte 8, come before or after it.
+        let frag = frag_key(key, seg.ip_id);
+        let Some(tail) = TCP_TAILS.get_ptr(&frag) else {
+            if seq_after(c, seg.seq) {
+                let first = TinyFirst {
+                    key: *key,
+                    seq: seg.seq,
+                    _pad: 0,
+                };
+                let _ = TINY_FIRSTS.insert(&frag, &first, 0);
+            } else {
+                count(Stat::Unparsed);
+            }
+            return;
+        };
+        let tail = unsafe { *tail };
+        let _ = TCP_TAILS.remove(&frag);
+        seg.ack = tail.ack;
+        seg.flags = tail.flags;
+        seg.part = Part::FirstFragment;
     }
+    let seg = &seg;
     let ack_ok = seg.has(TCP_ACK)
         && not_after(flow.server_isn.wrapping_add(1), seg.ack)
         && not_after(seg.ack, flow.server_next);
@@ -394,6 +419,63 @@ fn greeting_wait(ctx: &TcContext, key: &FlowKey, flow: &mut Flow, seg: &Segment)
         // Old bytes only, or out of order: nothing reached the MTA yet.
         count(Stat::UnverifiedPayload);
     }
+}
+
+#[inline(always)]
+fn frag_key(key: &FlowKey, ip_id: u16) -> FragKey {
+    FragKey {
+        src: [key.client[0], key.client[1], key.client[2], key.client[3]],
+        dst: [key.server[0], key.server[1], key.server[2], key.server[3]],
+        id: ip_id,
+        _pad: [0; 2],
+    }
+}
+
+/// The IPv4 fragment at byte 8 of a client's TCP segment: the ack and
+/// flags a tiny first fragment lacked. Judged with it if it came first;
+/// kept for it otherwise.
+#[inline(always)]
+pub fn tcp_tail(ctx: &TcContext, tail: &TcpTail) {
+    let frag = FragKey {
+        src: tail.src,
+        dst: tail.dst,
+        id: tail.ip_id,
+        _pad: [0; 2],
+    };
+    let Some(first) = TINY_FIRSTS.get_ptr(&frag) else {
+        let part = TailPart {
+            ack: tail.ack,
+            flags: tail.flags,
+            _pad: [0; 3],
+        };
+        let _ = TCP_TAILS.insert(&frag, &part, 0);
+        return;
+    };
+    let first = unsafe { *first };
+    let _ = TINY_FIRSTS.remove(&frag);
+    let Some(flow) = FLOWS.get_ptr_mut(&first.key) else {
+        return;
+    };
+    let flow = unsafe { &mut *flow };
+    if flow.state != STATE_GREETING {
+        return;
+    }
+    let seg = Segment {
+        family: FAMILY_V4,
+        src: first.key.client,
+        dst: first.key.server,
+        sport: first.key.client_port,
+        dport: first.key.server_port,
+        seq: first.seq,
+        ack: tail.ack,
+        flags: tail.flags,
+        window: 0,
+        part: Part::FirstFragment,
+        payload_off: 0,
+        payload_len: 0,
+        ip_id: tail.ip_id,
+    };
+    greeting_wait(ctx, &first.key, flow, &seg);
 }
 
 /// The client closed before the greeting.

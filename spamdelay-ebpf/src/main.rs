@@ -11,13 +11,15 @@ mod parse;
 mod trace;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use parse::Dir;
+use parse::{Dir, Packet};
 
 /// Client to server. Never drops: enforcement is nftables' job.
 #[classifier]
 pub fn spamdelay_ingress(ctx: TcContext) -> i32 {
-    if let Some(seg) = parse::segment(&ctx, Dir::FromClient) {
-        flow::from_client(&ctx, &seg);
+    match parse::packet(&ctx, Dir::FromClient) {
+        Some(Packet::Segment(seg)) => flow::from_client(&ctx, &seg),
+        Some(Packet::Tail(tail)) => flow::tcp_tail(&ctx, &tail),
+        None => {}
     }
     TC_ACT_OK
 }
@@ -25,7 +27,7 @@ pub fn spamdelay_ingress(ctx: TcContext) -> i32 {
 /// Server to client.
 #[classifier]
 pub fn spamdelay_egress(ctx: TcContext) -> i32 {
-    if let Some(seg) = parse::segment(&ctx, Dir::FromServer) {
+    if let Some(Packet::Segment(seg)) = parse::packet(&ctx, Dir::FromServer) {
         flow::from_server(&ctx, &seg);
     }
     TC_ACT_OK

@@ -57,6 +57,40 @@ pub static PASSERS: LruHashMap<ClientAddr, u64> = LruHashMap::with_max_entries(P
 #[map]
 pub static PROBES: HashMap<ProbeKey, u8> = HashMap::with_max_entries(PROBES_MAX, 0);
 
+/// An IPv4 datagram being fragmented: addresses and identification.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FragKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub id: u16,
+    pub _pad: [u8; 2],
+}
+
+/// A tiny first fragment (ports and seq only) on a flow awaiting its
+/// greeting, until the fragment with its ack and flags arrives.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TinyFirst {
+    pub key: FlowKey,
+    pub seq: u32,
+    pub _pad: u32,
+}
+
+/// The ack and flags of a segment whose tiny first fragment has not come.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TailPart {
+    pub ack: u32,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+#[map]
+pub static TINY_FIRSTS: LruHashMap<FragKey, TinyFirst> = LruHashMap::with_max_entries(1024, 0);
+#[map]
+pub static TCP_TAILS: LruHashMap<FragKey, TailPart> = LruHashMap::with_max_entries(1024, 0);
+
 /// With `PIPECONNECT_LISTED`: the MTA's host list, 1 where it advertises
 /// PIPECONNECT and 0 where the list excludes (`!`) a network.
 #[map]

@@ -53,6 +53,7 @@ pub enum Part {
 }
 
 /// A TCP segment of a watched flow.
+#[derive(Clone, Copy)]
 pub struct Segment {
     pub family: u8,
     pub src: [u8; 16],
@@ -68,6 +69,25 @@ pub struct Segment {
     pub payload_off: usize,
     /// Payload bytes in this packet, as the IP header declares them.
     pub payload_len: u32,
+    /// IPv4 identification, to find a tiny fragment's other half.
+    pub ip_id: u16,
+}
+
+/// The IPv4 fragment at byte 8 of a TCP segment whose first fragment was
+/// too short for the ack and flags: it holds them. Its ports are in the
+/// first fragment, so it is matched to it by addresses and IP id.
+pub struct TcpTail {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub ip_id: u16,
+    pub ack: u32,
+    pub flags: u8,
+}
+
+/// What a packet holds for spamdelay.
+pub enum Packet {
+    Segment(Segment),
+    Tail(TcpTail),
 }
 
 impl Segment {
@@ -175,13 +195,33 @@ fn network(ctx: &TcContext) -> Option<(u16, usize)> {
 /// `FromServer`) is a watched port. The common case (no VLAN tag, no IP
 /// options, no extension headers) reads only fixed offsets directly.
 #[inline(always)]
-pub fn segment(ctx: &TcContext, dir: Dir) -> Option<Segment> {
+pub fn packet(ctx: &TcContext, dir: Dir) -> Option<Packet> {
     let (proto, l3) = network(ctx)?;
     let ip = match proto {
         ETH_P_IP => ipv4(ctx, l3)?,
         ETH_P_IPV6 => ipv6(ctx, l3)?,
         _ => return None,
     };
+    if ip.tail {
+        // Only a client's tiny fragments are followed (it is the client
+        // that might hide its ack there); the server never sends such.
+        if dir != Dir::FromClient || ip.l4 + 6 > ip.end || ip.end > ctx.len() as usize {
+            return None;
+        }
+        let b: [u8; 6] = load(ctx, ip.l4)?;
+        return Some(Packet::Tail(TcpTail {
+            src: load(ctx, l3 + 12)?,
+            dst: load(ctx, l3 + 16)?,
+            ip_id: ip.id,
+            ack: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            flags: b[5],
+        }));
+    }
+    segment(ctx, dir, l3, &ip).map(Packet::Segment)
+}
+
+#[inline(always)]
+fn segment(ctx: &TcContext, dir: Dir, l3: usize, ip: &Ip) -> Option<Segment> {
     let l4 = ip.l4;
     // The ports first: TCP that is not to or from a watched port (most of
     // the traffic) leaves without anything else being read.
@@ -214,6 +254,7 @@ pub fn segment(ctx: &TcContext, dir: Dir) -> Option<Segment> {
         },
         payload_off: 0,
         payload_len: 0,
+        ip_id: ip.id,
     };
     if l4 + 20 <= ip.end {
         // Bytes 4..20 of the TCP header: sequence, ack, data offset, flags, window.
@@ -233,7 +274,7 @@ pub fn segment(ctx: &TcContext, dir: Dir) -> Option<Segment> {
             // Options past the segment's end: malformed, TCP drops it.
             return None;
         }
-    } else if ip.first_fragment && l4 + 14 <= ip.end {
+    } else if ip.first_fragment && ip.family == FAMILY_V4 && l4 + 14 <= ip.end {
         // Through the flags, options and payload in later fragments.
         let tcp: [u8; 10] = load(ctx, l4 + 4)?;
         seg.seq = u32::from_be_bytes([tcp[0], tcp[1], tcp[2], tcp[3]]);
@@ -242,7 +283,7 @@ pub fn segment(ctx: &TcContext, dir: Dir) -> Option<Segment> {
         if ((tcp[8] >> 4) as usize) * 4 < 20 {
             return None;
         }
-    } else if ip.first_fragment && l4 + 8 <= ip.end {
+    } else if ip.first_fragment && ip.family == FAMILY_V4 && l4 + 8 <= ip.end {
         // IPv4 lets a first fragment end inside the TCP header (IPv6 does
         // not: Linux drops those, RFC 8200 4.5).
         let seq: [u8; 4] = load(ctx, l4 + 4)?;
@@ -304,6 +345,11 @@ struct Ip {
     end: usize,
     /// The packet is the first fragment of a longer datagram.
     first_fragment: bool,
+    /// IPv4: the fragment at byte 8, where a tiny first fragment's TCP
+    /// header goes on.
+    tail: bool,
+    /// IPv4 identification.
+    id: u16,
 }
 
 /// An IPv4 TCP packet: whole, or the first fragment of one. Later fragments
@@ -319,8 +365,9 @@ fn ipv4(ctx: &TcContext, l3: usize) -> Option<Ip> {
         return None;
     }
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
-    // A fragment offset: no TCP header here.
-    if frag & 0x1fff != 0 {
+    // A fragment offset past the TCP header's first 8 bytes: no header here.
+    let offset = frag & 0x1fff;
+    if offset > 1 {
         return None;
     }
     let ihl = ((hdr[0] & 0x0f) as usize) * 4;
@@ -333,7 +380,9 @@ fn ipv4(ctx: &TcContext, l3: usize) -> Option<Ip> {
         l4: l3 + ihl,
         end: l3 + total,
         // More fragments follow.
-        first_fragment: frag & 0x2000 != 0,
+        first_fragment: offset == 0 && frag & 0x2000 != 0,
+        tail: offset == 1,
+        id: u16::from_be_bytes([hdr[4], hdr[5]]),
     })
 }
 
@@ -412,6 +461,8 @@ fn ipv6(ctx: &TcContext, l3: usize) -> Option<Ip> {
             l4,
             end,
             first_fragment: false,
+            tail: false,
+            id: 0,
         });
     }
     if !matches!(hdr[6], 0 | 43 | 44 | 60) {
@@ -438,6 +489,8 @@ fn ipv6(ctx: &TcContext, l3: usize) -> Option<Ip> {
             l4: walk.off as usize,
             end,
             first_fragment: walk.first_fragment != 0,
+            tail: false,
+            id: 0,
         }),
         WALK_ON => {
             // The chain outlasted the walk: say so, never guess.

@@ -18,7 +18,8 @@ use anyhow::{Context, Result};
 
 /// Entries kept at most; the oldest passes go first.
 pub const MAX_ENTRIES: usize = 100_000;
-const STATE_FILE: &str = "pass-cache.json";
+/// Kept in the state directory.
+pub const STATE_FILE: &str = "pass-cache.json";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -67,7 +68,10 @@ pub struct PassCache {
     state: PathBuf,
     /// Client address to the time of its last pass (unix seconds).
     passes: HashMap<IpAddr, u64>,
+    /// The set of clients changed: the MTA's file must be rewritten.
     dirty: bool,
+    /// Only pass times changed: the state file alone is rewritten.
+    times_dirty: bool,
 }
 
 impl PassCache {
@@ -92,21 +96,30 @@ impl PassCache {
             state,
             passes,
             dirty: true,
+            times_dirty: false,
         }
     }
 
-    /// Passes still within the TTL: (client, unix seconds of the pass).
+    /// Passes still within the TTL: (client, unix seconds of the pass). A
+    /// pass stamped later than `now` (the clock stepped back, or an edited
+    /// state file) counts as passing now, so callers can add the TTL to it.
     pub fn live(&self, now: u64) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
         let ttl = self.ttl.as_secs();
         self.passes
             .iter()
             .filter(move |(_, t)| now.saturating_sub(**t) < ttl)
-            .map(|(a, t)| (*a, *t))
+            .map(move |(a, t)| (*a, (*t).min(now)))
     }
 
     pub fn record(&mut self, ip: IpAddr, now: u64) {
-        self.passes.insert(ip, now);
-        self.dirty = true;
+        // A client listed already keeps the MTA's file as it is: rewriting
+        // it (and reloading the MTA, which restarts postscreen) per pass
+        // would cost a reload a second on a busy MX.
+        if self.passes.insert(ip, now).is_none() {
+            self.dirty = true;
+        } else {
+            self.times_dirty = true;
+        }
     }
 
     pub fn contains(&self, ip: &IpAddr) -> bool {
@@ -126,11 +139,16 @@ impl PassCache {
             by_age.sort_by_key(|&(_, t)| std::cmp::Reverse(t));
             self.passes = by_age.into_iter().take(MAX_ENTRIES).collect();
         }
-        if !self.dirty && self.passes.len() == before {
+        let changed = self.dirty || self.passes.len() != before;
+        if !changed && !self.times_dirty {
             return Ok(false);
         }
         atomic_write(&self.state, &serde_json::to_vec(&self.passes)?)?;
         self.dirty = false;
+        self.times_dirty = false;
+        if !changed {
+            return Ok(true);
+        }
         let Some(file) = self.file.as_ref().filter(|_| to_mta) else {
             return Ok(true);
         };
@@ -226,6 +244,28 @@ mod tests {
             again.contains(&"198.51.100.2".parse().unwrap()),
             "remembered across restarts"
         );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_client_passing_again_does_not_reload_the_mta() {
+        let dir = std::env::temp_dir().join(format!("spamdelay-reload-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let reloads = dir.join("reloads");
+        let file = PassFile {
+            path: dir.join("pass"),
+            format: Format::Plain,
+            reload: Some(format!("echo x >> {}", reloads.display())),
+        };
+        let mut c = PassCache::open(Some(file), Duration::from_secs(100), &dir);
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        c.record(ip, 10);
+        assert!(c.flush(10, true).unwrap());
+        c.record(ip, 20);
+        assert!(c.flush(20, true).unwrap(), "the pass time is kept");
+        assert_eq!(fs::read_to_string(&reloads).unwrap(), "x\n", "one reload");
+        let again = PassCache::open(None, Duration::from_secs(100), &dir);
+        assert_eq!(again.live(20).collect::<Vec<_>>(), vec![(ip, 20)]);
         let _ = fs::remove_dir_all(&dir);
     }
 }

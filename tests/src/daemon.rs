@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Child, ExitStatus, Stdio},
-    sync::{Arc, Condvar, Mutex},
+    sync::Arc,
     thread,
     time::{Duration, Instant},
 };
@@ -16,7 +16,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::lab::Netns;
+use crate::{Watched, lab::Netns};
 
 /// The daemon binary: `SPAMDELAY_BIN` (set by `cargo xtask test`) or the
 /// workspace's debug build.
@@ -28,15 +28,9 @@ pub fn binary() -> PathBuf {
         })
 }
 
-#[derive(Default)]
-struct Log {
-    lines: Mutex<Vec<String>>,
-    grew: Condvar,
-}
-
 pub struct Daemon {
     child: Child,
-    log: Arc<Log>,
+    log: Arc<Watched<Vec<String>>>,
     /// The daemon's private `--state-dir`.
     state: Arc<tempfile::TempDir>,
 }
@@ -66,14 +60,10 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", binary().display()))?;
-        let log = Arc::new(Log::default());
+        let log: Arc<Watched<Vec<String>>> = Arc::default();
         let sink = log.clone();
         crate::read_lines(&mut child, move |line, _| {
-            sink.lines
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(line);
-            sink.grew.notify_all();
+            sink.update(|lines| lines.push(line))
         });
         let mut d = Daemon { child, log, state };
         if d.wait_for(|l| l.starts_with("watching port"), Duration::from_secs(30))
@@ -120,29 +110,13 @@ impl Daemon {
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.log
-            .lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.log.read(Vec::clone)
     }
 
     /// Waits up to `timeout` for a log line matching `pred`.
     pub fn wait_for(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.log.lines.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(l) = lines.iter().find(|l| pred(l)) {
-                return Some(l.clone());
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            lines = self
-                .log
-                .grew
-                .wait_timeout(lines, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.log
+            .wait_for(timeout, |lines| lines.iter().find(|l| pred(l)).cloned())
     }
 
     /// Waits for the verdict line about `client` (`WORD ... from [ip]:port`).

@@ -21,12 +21,20 @@ use crate::lab::Netns;
 
 /// Adds every address in `addrs` as `/prefix` on `dev` in `ns`, through one
 /// `ip -batch` (one process, one netlink socket: thousands per second where
-/// one `ip` each would take minutes). `nodad`, or binding them fails with
-/// EADDRNOTAVAIL until duplicate address detection ends a second or two later.
-pub fn add_addresses(ns: &Netns, dev: &str, addrs: &[Ipv6Addr], prefix: u8) -> Result<()> {
+/// one `ip` each would take minutes). IPv6 ones `nodad`, or binding them
+/// fails with EADDRNOTAVAIL until duplicate address detection ends a second
+/// or two later.
+pub fn add_addresses<A: Into<IpAddr> + Copy>(
+    ns: &Netns,
+    dev: &str,
+    addrs: &[A],
+    prefix: u8,
+) -> Result<()> {
     let mut batch = tempfile::NamedTempFile::new().context("creating the ip batch file")?;
-    for a in addrs {
-        writeln!(batch, "address add {a}/{prefix} dev {dev} nodad")
+    for &a in addrs {
+        let a: IpAddr = a.into();
+        let nodad = if a.is_ipv6() { " nodad" } else { "" };
+        writeln!(batch, "address add {a}/{prefix} dev {dev}{nodad}")
             .context("writing the ip batch file")?;
     }
     batch.flush().context("writing the ip batch file")?;

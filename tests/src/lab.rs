@@ -74,6 +74,24 @@ impl Netns {
         cmd
     }
 
+    /// The namespace's network counter `name` as `nstat` names it
+    /// (`TcpExtTCPFastOpenPassive`): its absolute value, nstat's history
+    /// left alone.
+    pub fn net_counter(&self, name: &str) -> Result<u64> {
+        let out = self
+            .command("nstat")
+            .args(["-asz", name])
+            .output()
+            .context("running nstat (iproute2)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| {
+                let mut words = l.split_whitespace();
+                (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+            })
+            .with_context(|| format!("no counter {name} in nstat's output: {text}"))
+    }
+
     /// Runs `f` on a new thread that has entered the namespace, so every
     /// socket it opens lives there.
     pub fn spawn<T: Send + 'static>(

@@ -42,6 +42,53 @@ pub fn until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool
     done()
 }
 
+/// A value that some threads change while others wait for it to hold
+/// something: a daemon's log, what `nft monitor` printed, what a test
+/// server heard.
+#[derive(Default)]
+pub struct Watched<T> {
+    value: std::sync::Mutex<T>,
+    changed: std::sync::Condvar,
+}
+
+impl<T> Watched<T> {
+    /// Changes the value and wakes every waiter.
+    pub fn update(&self, f: impl FnOnce(&mut T)) {
+        f(&mut self.lock());
+        self.changed.notify_all();
+    }
+
+    pub fn read<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        f(&self.lock())
+    }
+
+    /// Waits up to `timeout` for `find` to find something in the value.
+    pub fn wait_for<R>(
+        &self,
+        timeout: std::time::Duration,
+        mut find: impl FnMut(&T) -> Option<R>,
+    ) -> Option<R> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut value = self.lock();
+        loop {
+            if let Some(found) = find(&value) {
+                return Some(found);
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            value = self
+                .changed
+                .wait_timeout(value, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// A panicking test thread must not hide the value from the others.
+    fn lock(&self) -> std::sync::MutexGuard<'_, T> {
+        self.value.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Starts one thread per output pipe of `child` (stdout, stderr) that hands
 /// each line to `each`, with the moment it arrived.
 pub fn read_lines(

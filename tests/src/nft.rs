@@ -4,14 +4,14 @@
 
 use std::{
     process::{Child, Stdio},
-    sync::{Arc, Condvar, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::lab::Netns;
+use crate::{Watched, lab::Netns};
 
 /// `nft ARGS` in `ns`; its stdout.
 pub fn nft(ns: &Netns, args: &[&str]) -> Result<String> {
@@ -127,7 +127,7 @@ struct Seen {
 /// polling. Stopped on drop.
 pub struct Monitor {
     child: Child,
-    seen: Arc<(Mutex<Seen>, Condvar)>,
+    seen: Arc<Watched<Seen>>,
 }
 
 /// The table the monitor's readiness probe creates and deletes.
@@ -145,25 +145,24 @@ impl Monitor {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting nft monitor (apt-get install nftables)")?;
-        let seen: Arc<(Mutex<Seen>, Condvar)> = Arc::default();
+        let seen: Arc<Watched<Seen>> = Arc::default();
         let sink = seen.clone();
         crate::read_lines(&mut child, move |line, at| {
-            let (lock, grew) = &*sink;
-            let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((table, set, element)) = parse_added(&line) {
-                s.added.push(Added {
-                    at,
-                    table,
-                    set,
-                    element,
-                });
-            } else if line.starts_with("# new generation") {
-                let n = s.added.len();
-                s.generations.push(n);
-            } else {
-                s.other.push(line);
-            }
-            grew.notify_all();
+            sink.update(|s| {
+                if let Some((table, set, element)) = parse_added(&line) {
+                    s.added.push(Added {
+                        at,
+                        table,
+                        set,
+                        element,
+                    });
+                } else if line.starts_with("# new generation") {
+                    let n = s.added.len();
+                    s.generations.push(n);
+                } else {
+                    s.other.push(line);
+                }
+            })
         });
         let monitor = Monitor { child, seen };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -183,21 +182,9 @@ impl Monitor {
 
     /// Waits up to `timeout` for `done` to hold; whether it did.
     fn wait(&self, timeout: Duration, done: impl Fn(&Seen) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let (lock, grew) = &*self.seen;
-        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if done(&s) {
-                return true;
-            }
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                return false;
-            };
-            s = grew
-                .wait_timeout(s, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.seen
+            .wait_for(timeout, |s| done(s).then_some(()))
+            .is_some()
     }
 
     /// Waits up to `timeout` until `count` elements were added to `table`,
@@ -226,36 +213,33 @@ impl Monitor {
     }
 
     fn added_to(&self, table: &str) -> usize {
-        let (lock, _) = &*self.seen;
-        let s = lock.lock().unwrap_or_else(|e| e.into_inner());
-        s.added.iter().filter(|a| a.table == table).count()
+        self.seen
+            .read(|s| s.added.iter().filter(|a| a.table == table).count())
     }
 
     /// Every element added so far, in order.
     pub fn added(&self) -> Vec<Added> {
-        let (lock, _) = &*self.seen;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).added.clone()
+        self.seen.read(|s| s.added.clone())
     }
 
     /// Committed transactions that added at least one element to `table`.
     pub fn transactions_adding_to(&self, table: &str) -> usize {
-        let (lock, _) = &*self.seen;
-        let s = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut from = 0;
-        let mut count = 0;
-        for &to in &s.generations {
-            if s.added[from..to].iter().any(|a| a.table == table) {
-                count += 1;
+        self.seen.read(|s| {
+            let mut from = 0;
+            let mut count = 0;
+            for &to in &s.generations {
+                if s.added[from..to].iter().any(|a| a.table == table) {
+                    count += 1;
+                }
+                from = to;
             }
-            from = to;
-        }
-        count
+            count
+        })
     }
 
     /// Lines that were neither elements nor generations (errors included).
     pub fn other_lines(&self) -> Vec<String> {
-        let (lock, _) = &*self.seen;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).other.clone()
+        self.seen.read(|s| s.other.clone())
     }
 }
 

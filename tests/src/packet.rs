@@ -1,18 +1,21 @@
-//! Crafted TCP segments for the kernel-program tests: IPv4 (options, fragment
-//! fields) or IPv6 (extension headers) with real checksums, as IP packet or frame.
+//! Crafted TCP segments for the kernel-program tests and the raw clients:
+//! IPv4 (options, fragments) or IPv6 (extension headers, fragments) with real
+//! checksums, as IP packet, fragment train or frame, and a raw sender for them.
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd,
 };
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
 pub const RST: u8 = 0x04;
 pub const PSH: u8 = 0x08;
 pub const ACK: u8 = 0x10;
+pub const URG: u8 = 0x20;
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
@@ -93,6 +96,8 @@ pub struct Tcp {
     pub ack: u32,
     pub flags: u8,
     pub window: u16,
+    /// The urgent pointer (meaningful with `URG`).
+    pub urgent: u16,
     /// Padded with end-of-options to a multiple of 4 bytes.
     pub tcp_options: Vec<u8>,
     pub payload: Vec<u8>,
@@ -123,6 +128,7 @@ impl Tcp {
             ack: 0,
             flags: 0,
             window: 64240,
+            urgent: 0,
             tcp_options: Vec::new(),
             payload: Vec::new(),
             ipv4_options: Vec::new(),
@@ -164,7 +170,8 @@ impl Tcp {
         seg.push((doff as u8) << 4);
         seg.push(self.flags);
         seg.extend_from_slice(&self.window.to_be_bytes());
-        seg.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+        seg.extend_from_slice(&[0, 0]); // checksum
+        seg.extend_from_slice(&self.urgent.to_be_bytes());
         seg.extend_from_slice(&options);
         seg.extend_from_slice(&self.payload);
         let sum = checksum(&[&self.pseudo_header(seg.len()), &seg]);
@@ -202,15 +209,31 @@ impl Tcp {
     }
 
     fn ipv4(&self, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+        let frag = self.fragment.unwrap_or(Fragment {
+            offset: 0,
+            more: false,
+        });
+        let seg = self.segment();
+        let mut p = self.ipv4_header(src, dst, &seg, frag, self.fragment.is_none());
+        p.extend_from_slice(&seg);
+        p
+    }
+
+    /// The IPv4 header (with the options) for `body`.
+    fn ipv4_header(
+        &self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        body: &[u8],
+        frag: Fragment,
+        dont_fragment: bool,
+    ) -> Vec<u8> {
         let options = padded(&self.ipv4_options);
         let ihl = IPV4_HLEN + options.len();
         assert!(ihl <= 60, "IPv4 options exceed 40 bytes");
-        let seg = self.segment();
-        let total = u16::try_from(ihl + seg.len()).expect("IPv4 packet over 65535 bytes");
-        let frag = match self.fragment {
-            None => IPV4_DF,
-            Some(f) => f.offset | if f.more { IPV4_MF } else { 0 },
-        };
+        let total = u16::try_from(ihl + body.len()).expect("IPv4 packet over 65535 bytes");
+        let flags = if dont_fragment { IPV4_DF } else { 0 };
+        let frag = flags | frag.offset | if frag.more { IPV4_MF } else { 0 };
         let mut p = Vec::with_capacity(usize::from(total));
         p.push(0x40 | (ihl / 4) as u8);
         p.push(0); // DSCP/ECN
@@ -223,29 +246,49 @@ impl Tcp {
         p.extend_from_slice(&options);
         let sum = checksum(&[&p]);
         p[10..12].copy_from_slice(&sum.to_be_bytes());
-        p.extend_from_slice(&seg);
         p
     }
 
     fn ipv6(&self, src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
-        let mut exts = Vec::new();
-        for (i, ext) in self.ipv6_ext.iter().enumerate() {
-            let next = self.ipv6_ext.get(i + 1).map_or(IPPROTO_TCP, |e| e.kind());
-            exts.extend_from_slice(&ext.bytes(next));
-        }
+        ipv6_packet(src, dst, &self.ipv6_ext, &self.segment())
+    }
+
+    /// The packet as a fragmenting host sends it: the TCP segment cut into
+    /// pieces of `chunk` bytes (a multiple of 8; the last may be shorter),
+    /// the first carrying the whole TCP header. IPv4 fragments repeat the IP
+    /// options; IPv6 ones carry `ipv6_ext`, then a fragment header. The
+    /// receiver reassembles them into `ip_packet()`'s segment.
+    ///
+    /// # Panics
+    /// If `chunk` is not a multiple of 8 or cannot hold the TCP header.
+    pub fn fragments(&self, chunk: usize) -> Vec<Vec<u8>> {
         let seg = self.segment();
-        let payload_len =
-            u16::try_from(exts.len() + seg.len()).expect("IPv6 payload over 65535 bytes");
-        let first = self.ipv6_ext.first().map_or(IPPROTO_TCP, |e| e.kind());
-        let mut p = Vec::with_capacity(IPV6_HLEN + usize::from(payload_len));
-        p.extend_from_slice(&[0x60, 0, 0, 0]); // version, traffic class, flow label
-        p.extend_from_slice(&payload_len.to_be_bytes());
-        p.extend_from_slice(&[first, 64]); // next header, hop limit
-        p.extend_from_slice(&src);
-        p.extend_from_slice(&dst);
-        p.extend_from_slice(&exts);
-        p.extend_from_slice(&seg);
-        p
+        assert!(
+            chunk.is_multiple_of(8) && chunk >= seg.len() - self.payload.len(),
+            "fragments of {chunk} bytes: a multiple of 8 that holds the TCP header"
+        );
+        seg.chunks(chunk)
+            .enumerate()
+            .map(|(i, piece)| {
+                let frag = Fragment {
+                    offset: u16::try_from(i * chunk / 8).expect("fragment offset in range"),
+                    more: (i + 1) * chunk < seg.len(),
+                };
+                match (self.src.ip(), self.dst.ip()) {
+                    (IpAddr::V4(s), IpAddr::V4(d)) => {
+                        let mut p = self.ipv4_header(s, d, piece, frag, false);
+                        p.extend_from_slice(piece);
+                        p
+                    }
+                    (IpAddr::V6(s), IpAddr::V6(d)) => {
+                        let mut exts = self.ipv6_ext.clone();
+                        exts.push(Ipv6Ext::Fragment(frag));
+                        ipv6_packet(s.octets(), d.octets(), &exts, piece)
+                    }
+                    _ => unreachable!("Tcp::new checks the families match"),
+                }
+            })
+            .collect()
     }
 
     /// The Ethernet frame carrying the IP packet: what tc programs see, and
@@ -260,6 +303,28 @@ impl Tcp {
         f.extend_from_slice(&ip);
         f
     }
+}
+
+/// An IPv6 packet: the fixed header, `exts` in order, then `body` (TCP, or
+/// a fragment of it).
+fn ipv6_packet(src: [u8; 16], dst: [u8; 16], exts: &[Ipv6Ext], body: &[u8]) -> Vec<u8> {
+    let mut chain = Vec::new();
+    for (i, ext) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map_or(IPPROTO_TCP, |e| e.kind());
+        chain.extend_from_slice(&ext.bytes(next));
+    }
+    let payload_len =
+        u16::try_from(chain.len() + body.len()).expect("IPv6 payload over 65535 bytes");
+    let first = exts.first().map_or(IPPROTO_TCP, |e| e.kind());
+    let mut p = Vec::with_capacity(IPV6_HLEN + usize::from(payload_len));
+    p.extend_from_slice(&[0x60, 0, 0, 0]); // version, traffic class, flow label
+    p.extend_from_slice(&payload_len.to_be_bytes());
+    p.extend_from_slice(&[first, 64]); // next header, hop limit
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&chain);
+    p.extend_from_slice(body);
+    p
 }
 
 /// Options padded with end-of-options (0, in both IPv4 and TCP) to 4 bytes.
@@ -288,31 +353,123 @@ pub fn checksum(chunks: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
+/// The firewall mark on everything a `RawSender` sends, so nft rules can
+/// tell crafted packets from the ones the namespace's own stack sends.
+pub const RAW_MARK: u32 = 0x5d5d;
+
+/// A raw IP socket that sends whole packets, header included, in the network
+/// namespace it was opened in, whichever thread uses it later. One family.
+pub struct RawSender {
+    sock: Socket,
+    v6: bool,
+}
+
+impl RawSender {
+    /// Opens the socket in the calling thread's namespace.
+    pub fn new(v6: bool) -> io::Result<Self> {
+        // IPPROTO_RAW implies IP_HDRINCL (IPV6_HDRINCL): the kernel sends our
+        // header unchanged (IPv4: but for the checksum, and the ID and source
+        // when they are zero).
+        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+        let sock = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+        sock.set_mark(RAW_MARK)?;
+        Ok(RawSender { sock, v6 })
+    }
+
+    /// Sends one IP packet towards its destination address.
+    pub fn send(&self, packet: &[u8]) -> io::Result<()> {
+        let sent = self.sock.send_to(packet, &destination(packet, self.v6)?)?;
+        if sent != packet.len() {
+            return Err(io::Error::other(format!(
+                "raw socket sent {sent} of {} bytes",
+                packet.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends every packet, `sendmmsg` batches at a time: a sweep of the whole
+    /// sequence space (65,536 segments) takes a fraction of a second.
+    pub fn send_all(&self, packets: &[Vec<u8>]) -> io::Result<()> {
+        const BATCH: usize = 1024;
+        for batch in packets.chunks(BATCH) {
+            let addrs = batch
+                .iter()
+                .map(|p| destination(p, self.v6))
+                .collect::<io::Result<Vec<SockAddr>>>()?;
+            let mut iovs: Vec<libc::iovec> = batch
+                .iter()
+                .map(|p| libc::iovec {
+                    iov_base: p.as_ptr() as *mut libc::c_void,
+                    iov_len: p.len(),
+                })
+                .collect();
+            let mut msgs: Vec<libc::mmsghdr> = iovs
+                .iter_mut()
+                .zip(&addrs)
+                .map(|(iov, addr)| {
+                    // SAFETY: an all-zero mmsghdr is a valid empty message.
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+                    m.msg_hdr.msg_namelen = addr.len();
+                    m.msg_hdr.msg_iov = iov;
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            let mut done = 0;
+            while done < msgs.len() {
+                // SAFETY: every header points into `iovs`, `addrs` and
+                // `batch`, all alive until the loop ends.
+                let n = unsafe {
+                    libc::sendmmsg(
+                        self.sock.as_raw_fd(),
+                        msgs[done..].as_mut_ptr(),
+                        (msgs.len() - done) as libc::c_uint,
+                        0,
+                    )
+                };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(e);
+                }
+                done += n as usize;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The destination of an IP packet (header included) of the given family.
+fn destination(packet: &[u8], v6: bool) -> io::Result<SockAddr> {
+    match (v6, packet.first().map(|b| b >> 4)) {
+        (false, Some(4)) if packet.len() >= IPV4_HLEN => {
+            let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+            Ok(SocketAddrV4::new(dst, 0).into())
+        }
+        (true, Some(6)) if packet.len() >= IPV6_HLEN => {
+            let octets: [u8; 16] = packet[24..40].try_into().expect("16 bytes");
+            Ok(SocketAddrV6::new(Ipv6Addr::from(octets), 0, 0, 0).into())
+        }
+        _ => {
+            let v = if v6 { 6 } else { 4 };
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a raw IPv{v} sender needs an IPv{v} packet, header included"),
+            ))
+        }
+    }
+}
+
 /// Sends an IPv4 packet, header included, towards its destination address,
 /// in the calling thread's network namespace.
 pub fn send_raw_ipv4(packet: &[u8]) -> io::Result<()> {
-    if packet.len() < IPV4_HLEN || packet[0] >> 4 != 4 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "send_raw_ipv4 needs an IPv4 packet, header included",
-        ));
-    }
-    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-    // IPPROTO_RAW implies IP_HDRINCL: the kernel sends our header unchanged
-    // but for the checksum, and the ID and source when they are zero.
-    let sock = Socket::new(
-        Domain::IPV4,
-        Type::RAW,
-        Some(Protocol::from(libc::IPPROTO_RAW)),
-    )?;
-    let sent = sock.send_to(packet, &SocketAddrV4::new(dst, 0).into())?;
-    if sent != packet.len() {
-        return Err(io::Error::other(format!(
-            "raw socket sent {sent} of {} bytes",
-            packet.len()
-        )));
-    }
-    Ok(())
+    // Checked before the socket opens, which needs privileges.
+    destination(packet, false)?;
+    RawSender::new(false)?.send(packet)
 }
 
 #[cfg(test)]
@@ -433,6 +590,64 @@ mod tests {
         let f = syn().frame();
         assert_eq!(&f[12..14], &[0x08, 0x00]);
         assert_eq!(&f[ETH_HLEN..], syn().ip_packet().as_slice());
+    }
+
+    /// Reassembles `fragments` (IPv4 or IPv6 with only a fragment header)
+    /// into the TCP segment they carry, checking each header on the way.
+    fn reassemble(fragments: &[Vec<u8>]) -> Vec<u8> {
+        let mut seg = Vec::new();
+        for (i, f) in fragments.iter().enumerate() {
+            let last = i + 1 == fragments.len();
+            let (offset, more, body) = if f[0] >> 4 == 4 {
+                let ihl = usize::from(f[0] & 0x0f) * 4;
+                assert_eq!(checksum(&[&f[..ihl]]), 0, "IPv4 header checksum");
+                assert_eq!(usize::from(u16::from_be_bytes([f[2], f[3]])), f.len());
+                let field = u16::from_be_bytes([f[6], f[7]]);
+                assert_eq!(field & IPV4_DF, 0, "fragments never say don't fragment");
+                (field & 0x1fff, field & IPV4_MF != 0, &f[ihl..])
+            } else {
+                assert_eq!(f[6], NEXT_FRAGMENT);
+                let len = usize::from(u16::from_be_bytes([f[4], f[5]]));
+                assert_eq!(len, f.len() - IPV6_HLEN);
+                let h = &f[IPV6_HLEN..];
+                assert_eq!(h[0], IPPROTO_TCP);
+                let field = u16::from_be_bytes([h[2], h[3]]);
+                (field >> 3, field & 1 != 0, &h[8..])
+            };
+            assert_eq!(usize::from(offset) * 8, seg.len(), "fragment {i} in place");
+            assert_eq!(more, !last, "more fragments on all but the last");
+            seg.extend_from_slice(body);
+        }
+        seg
+    }
+
+    #[test]
+    fn fragments_reassemble_to_the_segment() {
+        let v4 = syn()
+            .flags(ACK | PSH)
+            .payload(b"EHLO fragmented.example.test\r\n".to_vec());
+        let frags = v4.fragments(24);
+        assert_eq!(frags.len(), 3, "50 bytes in 24-byte pieces");
+        assert_eq!(reassemble(&frags), v4.segment());
+
+        let v6 = Tcp::new(
+            "[2001:db8::1]:40000".parse().unwrap(),
+            "[2001:db8::2]:25".parse().unwrap(),
+        )
+        .flags(ACK)
+        .payload(b"EHLO x\r\n".to_vec());
+        let frags = v6.fragments(24);
+        assert_eq!(frags.len(), 2);
+        assert_eq!(reassemble(&frags), v6.segment());
+    }
+
+    #[test]
+    fn urgent_pointer_is_written() {
+        let mut seg = syn().flags(ACK | URG).payload(b"x".to_vec());
+        seg.urgent = 0x0102;
+        let tcp = seg.segment();
+        assert_eq!(tcp[13], ACK | URG);
+        assert_eq!(&tcp[18..20], &[1, 2]);
     }
 
     #[test]

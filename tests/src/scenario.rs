@@ -9,7 +9,7 @@ use std::{
 use crate::{
     daemon::Daemon,
     lab::{Lab, SERVER_IF},
-    smtp::{Greeting, TestServer},
+    smtp::{Greeting, Listen, TestServer},
 };
 
 pub const VERDICT_WAIT: Duration = Duration::from_secs(5);
@@ -19,7 +19,7 @@ pub const QUIET_WAIT: Duration = Duration::from_millis(700);
 pub struct Scenario {
     pub lab: Lab,
     pub daemon: Daemon,
-    _servers: Vec<TestServer>,
+    servers: Vec<TestServer>,
 }
 
 impl Scenario {
@@ -39,12 +39,28 @@ impl Scenario {
         extra: &[&str],
         before: impl FnOnce(&Lab),
     ) -> Self {
+        Self::build(greeting, Listen::default(), ports, extra, before)
+    }
+
+    /// A server on port 25 that listens with `listen` (Fast Open, say).
+    pub fn listening(greeting: Greeting, listen: Listen, extra: &[&str]) -> Self {
+        Self::build(greeting, listen, &[25], extra, |_| {})
+    }
+
+    fn build(
+        greeting: Greeting,
+        listen: Listen,
+        ports: &[u16],
+        extra: &[&str],
+        before: impl FnOnce(&Lab),
+    ) -> Self {
         let lab = Lab::new().expect("building the namespace lab");
         before(&lab);
         let servers = ports
             .iter()
             .map(|&p| {
-                TestServer::start(&lab.server, p, greeting).expect("starting the test server")
+                TestServer::start_with(&lab.server, p, greeting, listen)
+                    .expect("starting the test server")
             })
             .collect();
         // No MTA configuration from the host: tests say what they want.
@@ -54,8 +70,16 @@ impl Scenario {
         Scenario {
             lab,
             daemon,
-            _servers: servers,
+            servers,
         }
+    }
+
+    /// The test server on the first port.
+    ///
+    /// # Panics
+    /// If the scenario has no server.
+    pub fn server(&self) -> &TestServer {
+        self.servers.first().expect("a scenario with a test server")
     }
 
     /// Runs a client from lab address `i` against `port` and returns the

@@ -5,6 +5,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,7 +18,7 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use socket2::{Domain, Socket, Type};
 
-use crate::lab::Netns;
+use crate::{Watched, lab::Netns};
 
 /// How the server greets.
 #[derive(Clone, Copy, Debug)]
@@ -57,21 +58,37 @@ impl Greeting {
 pub const TEASER: &[u8] = b"220-mx.example.test ESMTP spamdelay test server\r\n";
 pub const BANNER: &[u8] = b"220 mx.example.test ESMTP ready\r\n";
 
+/// How the server listens, beyond how it greets.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Listen {
+    /// TCP_FASTOPEN with this queue length: SYN data is taken when the
+    /// namespace's `net.ipv4.tcp_fastopen` has the server bits.
+    pub fast_open: Option<u32>,
+}
+
+/// What each connection had received when the server sent its final
+/// greeting line, by client address: proof that the kernel took early bytes.
+type Heard = Watched<Vec<(SocketAddr, Vec<u8>)>>;
+
 /// An SMTP server on `[::]:port` (IPv4 and IPv6) in a namespace; it stops
 /// accepting when dropped.
 pub struct TestServer {
     stop: Arc<AtomicBool>,
+    heard: Arc<Heard>,
 }
 
 impl TestServer {
     pub fn start(ns: &Netns, port: u16, greeting: Greeting) -> Result<Self> {
+        Self::start_with(ns, port, greeting, Listen::default())
+    }
+
+    pub fn start_with(ns: &Netns, port: u16, greeting: Greeting, listen: Listen) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let heard = Arc::new(Heard::default());
         let (ready_tx, ready_rx) = mpsc::channel();
-        let flag = stop.clone();
+        let (flag, log) = (stop.clone(), heard.clone());
         ns.spawn(move || {
-            let listener = match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            {
+            let listener = match bind(port, listen) {
                 Ok(l) => {
                     let _ = ready_tx.send(Ok(()));
                     l
@@ -83,9 +100,13 @@ impl TestServer {
             };
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((conn, _)) => {
+                    Ok((conn, peer)) => {
+                        let log = log.clone();
+                        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                         thread::spawn(move || {
-                            let _ = serve(conn, greeting);
+                            let _ = serve(conn, greeting, |early| {
+                                log.update(|heard| heard.push((peer, early)))
+                            });
                         });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(10)),
@@ -96,7 +117,19 @@ impl TestServer {
             .recv_timeout(Duration::from_secs(5))
             .context("test server did not start")?
             .with_context(|| format!("test server binding port {port}"))?;
-        Ok(TestServer { stop })
+        Ok(TestServer { stop, heard })
+    }
+
+    /// The bytes the connection from `peer` had received (and not yet read)
+    /// when the server sent its final greeting line, waiting up to `timeout`
+    /// for that moment. Urgent data is not among them: it is read apart.
+    pub fn heard_before_greeting(&self, peer: SocketAddr, timeout: Duration) -> Option<Vec<u8>> {
+        self.heard.wait_for(timeout, |heard| {
+            heard
+                .iter()
+                .find(|(p, _)| *p == peer)
+                .map(|(_, bytes)| bytes.clone())
+        })
     }
 }
 
@@ -106,7 +139,48 @@ impl Drop for TestServer {
     }
 }
 
-fn serve(conn: TcpStream, greeting: Greeting) -> std::io::Result<()> {
+/// A non-blocking dual-stack listener on `[::]:port`.
+fn bind(port: u16, listen: Listen) -> std::io::Result<TcpListener> {
+    let sock = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    sock.set_only_v6(false)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    if let Some(qlen) = listen.fast_open {
+        let qlen = qlen as libc::c_int;
+        // SAFETY: setsockopt reads a c_int from a live local.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_FASTOPEN,
+                (&qlen as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    sock.listen(128)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// What `conn` has received and nobody has read yet, without reading it.
+fn unread(conn: &TcpStream) -> std::io::Result<Vec<u8>> {
+    conn.set_nonblocking(true)?;
+    let mut buf = vec![0u8; 1 << 16];
+    let got = conn.peek(&mut buf);
+    conn.set_nonblocking(false)?;
+    match got {
+        Ok(n) => buf.truncate(n),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buf.clear(),
+        Err(e) => return Err(e),
+    }
+    Ok(buf)
+}
+
+fn serve(conn: TcpStream, greeting: Greeting, heard: impl FnOnce(Vec<u8>)) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut out = conn.try_clone()?;
@@ -114,6 +188,7 @@ fn serve(conn: TcpStream, greeting: Greeting) -> std::io::Result<()> {
         out.write_all(TEASER)?;
     }
     thread::sleep(greeting.pause);
+    heard(unread(&conn)?);
     if greeting.split {
         out.write_all(&BANNER[..2])?;
         thread::sleep(Duration::from_millis(50));
@@ -186,9 +261,26 @@ pub type ClientPort = u16;
 
 /// Talks without waiting for the greeting, then hangs up.
 pub fn blind(src: IpAddr, dst: SocketAddr) -> Result<ClientPort> {
+    talk_after(
+        src,
+        dst,
+        Duration::ZERO,
+        b"EHLO blind.example\r\nMAIL FROM:<spam@example.com>\r\n",
+    )
+}
+
+/// Stays silent for `wait`, then sends `words` without waiting for the
+/// greeting, then hangs up.
+pub fn talk_after(
+    src: IpAddr,
+    dst: SocketAddr,
+    wait: Duration,
+    words: &[u8],
+) -> Result<ClientPort> {
     let mut s = connect(src, dst)?;
     let port = s.local_addr()?.port();
-    s.write_all(b"EHLO blind.example\r\nMAIL FROM:<spam@example.com>\r\n")?;
+    thread::sleep(wait);
+    s.write_all(words)?;
     thread::sleep(Duration::from_millis(100));
     Ok(port)
 }
@@ -212,16 +304,23 @@ pub fn teaser_talker(src: IpAddr, dst: SocketAddr) -> Result<ClientPort> {
 pub fn patient(src: IpAddr, dst: SocketAddr) -> Result<ClientPort> {
     let s = connect(src, dst)?;
     let port = s.local_addr()?.port();
+    converse_patiently(&s)?;
+    Ok(port)
+}
+
+/// On a connected stream: waits for the whole greeting, then says EHLO and
+/// QUIT.
+pub fn converse_patiently(s: &TcpStream) -> Result<()> {
     let mut r = BufReader::new(s.try_clone()?);
     let greeting = read_reply(&mut r)?;
     if !greeting.contains("220 ") {
         return Err(anyhow!("unexpected greeting {greeting:?}"));
     }
-    (&s).write_all(b"EHLO patient.example\r\n")?;
+    (&*s).write_all(b"EHLO patient.example\r\n")?;
     read_reply(&mut r)?;
-    (&s).write_all(b"QUIT\r\n")?;
+    (&*s).write_all(b"QUIT\r\n")?;
     read_reply(&mut r)?;
-    Ok(port)
+    Ok(())
 }
 
 /// Connects, stays silent for `wait`, hangs up (FIN) before the greeting.

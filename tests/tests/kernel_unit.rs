@@ -13,10 +13,13 @@ use spamdelay::{
     allow::Cidr,
     events::{Report, drain},
     loader::{self, EGRESS, INGRESS},
+    mta::Pipeconnect,
 };
 use spamdelay_common::{PAYLOAD_CAPTURE, Stat, Verdict};
 use spamdelay_tests::{
-    packet::{ACK, ETH_HLEN, FIN, Fragment, IPV4_HLEN, IPV6_HLEN, Ipv6Ext, PSH, RST, SYN, Tcp},
+    packet::{
+        ACK, ETH_HLEN, FIN, Fragment, IPV4_HLEN, IPV6_HLEN, Ipv6Ext, PSH, RST, SYN, Tcp, URG,
+    },
     privileged,
 };
 
@@ -882,4 +885,594 @@ fn gap_in_the_servers_stream_gives_the_flow_up_with_a_debug_record() {
         got,
         ["no verdict for [198.51.100.50]:40200: server stream lost"]
     );
+}
+
+// The adversarial corpus: what the server's TCP takes is judged, what it
+// drops never is (the acceptance rules are written down in the kernel's
+// flow.rs). Each test names the verdict it expects and why.
+
+/// Sends `seg` and expects no verdict; then the flow must still be judged:
+/// in-order data from C is EARLY-TALK.
+fn dropped_then_talk_is_caught(k: &mut Kernel, conv: &Conversation, seg: &Tcp, why: &str) {
+    k.client_sends(seg);
+    k.expect_none(why);
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(conv, EHLO);
+}
+
+#[test]
+fn data_without_the_ack_flag_is_dropped_not_talk() {
+    if !privileged("data_without_the_ack_flag_is_dropped_not_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.60:40300");
+    conv.handshake(&k);
+    // tcp_rcv_established drops a segment with neither ACK, RST nor SYN.
+    let seg = conv.client_data(0, EHLO).flags(PSH);
+    dropped_then_talk_is_caught(&mut k, &conv, &seg, "no ACK flag");
+}
+
+#[test]
+fn data_acking_what_the_server_never_sent_is_dropped_not_talk() {
+    if !privileged("data_acking_what_the_server_never_sent_is_dropped_not_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.61:40301");
+    conv.handshake(&k);
+    // Before the greeting the server has sent its SYN only: snd_nxt = ISN+1.
+    for ack in [
+        conv.server_isn.wrapping_add(2),
+        conv.server_isn,
+        conv.server_isn.wrapping_add(1 << 30),
+    ] {
+        k.client_sends(&conv.client_data(0, EHLO).ack(ack));
+    }
+    k.expect_none("acks outside [ISN+1, snd_nxt]");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 3);
+    // Once the server sent a teaser, acking it is fine, past it is not.
+    let teaser = b"220-mx.example ESMTP\r\n";
+    k.server_sends(&conv.server_data(0, teaser));
+    let sent = conv.server_isn.wrapping_add(1 + teaser.len() as u32);
+    k.client_sends(&conv.client_data(0, EHLO).ack(sent.wrapping_add(1)));
+    k.expect_none("an ack one past the teaser");
+    k.client_sends(&conv.client_data(0, EHLO).ack(sent));
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn rst_counts_only_at_exactly_the_next_sequence_number() {
+    if !privileged("rst_counts_only_at_exactly_the_next_sequence_number") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.62:40302");
+    conv.handshake(&k);
+    // In the window but not exact: Linux sends a challenge ACK (RFC 5961).
+    for offset in [1u32, 1000, u32::MAX] {
+        k.client_sends(
+            &conv
+                .ack()
+                .flags(RST | ACK)
+                .seq(conv.client_next.wrapping_add(offset)),
+        );
+    }
+    k.expect_none("inexact RSTs");
+    // The connection lives on, and talk on it is caught.
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(&conv, EHLO);
+    // Exact, even with a wrong ack or none: the connection is reset.
+    let exact = Conversation::v4("198.51.100.62:40303");
+    exact.handshake(&k);
+    k.client_sends(&exact.ack().ack(12345).flags(RST | ACK));
+    k.expect(&exact, Verdict::Quit);
+}
+
+#[test]
+fn out_of_order_fin_is_no_quit_and_later_talk_is_caught() {
+    if !privileged("out_of_order_fin_is_no_quit_and_later_talk_is_caught") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.63:40304");
+    conv.handshake(&k);
+    // Queued out of order: the connection stays open.
+    let fin = conv
+        .ack()
+        .flags(FIN | ACK)
+        .seq(conv.client_next.wrapping_add(100));
+    dropped_then_talk_is_caught(&mut k, &conv, &fin, "an out-of-order FIN");
+    // In order but with an ack the server never sent: dropped.
+    let bad = Conversation::v4("198.51.100.63:40305");
+    bad.handshake(&k);
+    k.client_sends(
+        &bad.ack()
+            .flags(FIN | ACK)
+            .ack(bad.server_isn.wrapping_add(9)),
+    );
+    k.expect_none("a FIN with a bad ack");
+    k.server_sends(&bad.server_data(0, GREETING));
+    k.expect(&bad, Verdict::Pass);
+}
+
+#[test]
+fn syn_on_a_verified_flow_is_dropped_not_talk() {
+    if !privileged("syn_on_a_verified_flow_is_dropped_not_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.64:40306");
+    conv.handshake(&k);
+    // Any SYN on an established connection draws a challenge ACK.
+    let seg = conv.client_data(0, EHLO).flags(SYN | ACK);
+    dropped_then_talk_is_caught(&mut k, &conv, &seg, "a SYN with data");
+}
+
+#[test]
+fn urgent_data_before_the_greeting_is_early_talk() {
+    if !privileged("urgent_data_before_the_greeting_is_early_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.65:40307");
+    conv.handshake(&k);
+    // Out-of-band or inline, the server's TCP took the bytes.
+    let mut seg = conv.client_data(0, EHLO).flags(ACK | PSH | URG);
+    seg.urgent = 1;
+    k.client_sends(&seg);
+    k.expect_early_talk(&conv, EHLO);
+}
+
+#[test]
+fn forged_sweeps_of_the_sequence_space_frame_nobody() {
+    if !privileged("forged_sweeps_of_the_sequence_space_frame_nobody") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.66:40308");
+    conv.handshake(&k);
+    // An off-path forger knows the client's address and port, not its
+    // numbers: one segment per 64 KiB of sequence space covers every
+    // window. Data carries a guessed ack; RSTs and FINs need none.
+    let guess = conv.server_isn.wrapping_add(0x1234_5678);
+    for i in 0..=u16::MAX {
+        let seq = u32::from(i) << 16;
+        k.client_sends(
+            &conv
+                .ack()
+                .seq(seq)
+                .ack(guess)
+                .flags(ACK | PSH)
+                .payload(&b"MAIL FROM:<>\r\n"[..]),
+        );
+        k.client_sends(&conv.ack().seq(seq).flags(RST));
+        k.client_sends(&conv.ack().seq(seq).ack(guess).flags(FIN | ACK));
+    }
+    k.expect_none("a forged sweep");
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect(&conv, Verdict::Pass);
+}
+
+#[test]
+fn forged_sweep_of_ipv6_data_frames_nobody() {
+    if !privileged("forged_sweep_of_ipv6_data_frames_nobody") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v6("[2001:db8::66]:40309");
+    conv.handshake(&k);
+    let guess = conv.server_isn.wrapping_sub(0x0101_0101);
+    for i in 0..=u16::MAX {
+        let seq = u32::from(i) << 16;
+        k.client_sends(
+            &conv
+                .ack()
+                .seq(seq)
+                .ack(guess)
+                .flags(ACK | PSH)
+                .payload(&b"EHLO x\r\n"[..]),
+        );
+    }
+    k.expect_none("a forged IPv6 sweep");
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect(&conv, Verdict::Pass);
+}
+
+#[test]
+fn overlapping_data_on_the_handshake_ack_verifies_and_is_early_talk() {
+    if !privileged("overlapping_data_on_the_handshake_ack_verifies_and_is_early_talk") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.67:40310");
+    k.server_sends(&conv.syn_ack());
+    let payload = pattern(40);
+    let mut seg = conv.ack().flags(ACK | PSH).payload(payload.clone());
+    seg.seq = conv.client_next.wrapping_sub(15);
+    k.client_sends(&seg);
+    k.expect_early_talk(&conv, &payload[15..]);
+}
+
+/// A segment split after 8 bytes of TCP header (RFC 1858's tiny fragment):
+/// the first fragment has the ports and seq, the one at byte 8 the ack,
+/// flags and payload. Linux joins them before TCP sees the segment.
+fn tiny_fragments(seg: &Tcp) -> (Vec<u8>, Vec<u8>) {
+    let mut seg = seg.clone();
+    seg.fragment = Some(Fragment {
+        offset: 0,
+        more: true,
+    });
+    let whole = seg.frame();
+    let ip = ETH_HLEN;
+    let tcp = ip + IPV4_HLEN;
+    let mut first = whole[..tcp + 8].to_vec();
+    first[ip + 2..ip + 4].copy_from_slice(&((IPV4_HLEN + 8) as u16).to_be_bytes());
+    first.resize(60, 0);
+    let mut tail = whole[..tcp].to_vec();
+    tail.extend_from_slice(&whole[tcp + 8..]);
+    let total = (tail.len() - ETH_HLEN) as u16;
+    tail[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
+    // Offset 1 (8 bytes), no more fragments.
+    tail[ip + 6..ip + 8].copy_from_slice(&1u16.to_be_bytes());
+    (first, tail)
+}
+
+#[test]
+fn tiny_ipv4_fragments_are_joined_like_the_kernel_joins_them() {
+    if !privileged("tiny_ipv4_fragments_are_joined_like_the_kernel_joins_them") {
+        return;
+    }
+    let mut k = Kernel::load();
+    // At exactly C the first fragment alone is proof enough (a 32-bit guess).
+    let exact = Conversation::v4("198.51.100.68:40311");
+    exact.handshake(&k);
+    let (first, _) = tiny_fragments(&exact.client_data(0, EHLO));
+    k.pass(INGRESS, &first);
+    let r = k.expect(&exact, Verdict::EarlyTalk);
+    assert_eq!(r.how, spamdelay_common::event::HOW_FRAGMENT);
+    // Overlapping C, tail after or before the first: its ack decides.
+    let overlap = pattern(40);
+    for (port, tail_first) in [(40321u16, false), (40322, true)] {
+        let conv = Conversation::v4(&format!("198.51.100.68:{port}"));
+        conv.handshake(&k);
+        let mut seg = conv.client_data(0, &overlap[..]);
+        seg.seq = conv.client_next.wrapping_sub(10);
+        let (first, tail) = tiny_fragments(&seg);
+        if tail_first {
+            k.pass(INGRESS, &tail);
+            k.pass(INGRESS, &first);
+        } else {
+            k.pass(INGRESS, &first);
+            k.expect_none("the first half alone, before C");
+            k.pass(INGRESS, &tail);
+        }
+        let r = k.expect(&conv, Verdict::EarlyTalk);
+        assert_eq!(r.how, spamdelay_common::event::HOW_FRAGMENT);
+    }
+    // A forger's halves: a wrong ack in the tail frames nobody.
+    let forged = Conversation::v4("198.51.100.68:40323");
+    forged.handshake(&k);
+    let mut seg = forged
+        .client_data(0, &overlap[..])
+        .ack(forged.server_isn.wrapping_add(99));
+    seg.seq = forged.client_next.wrapping_sub(10);
+    let (first, tail) = tiny_fragments(&seg);
+    k.pass(INGRESS, &first);
+    k.pass(INGRESS, &tail);
+    k.expect_none("tiny fragments with a bad ack");
+    k.server_sends(&forged.server_data(0, GREETING));
+    k.expect(&forged, Verdict::Pass);
+    // After C (out of order): not judged, counted.
+    let after = Conversation::v4("198.51.100.68:40324");
+    after.handshake(&k);
+    let (first, _) = tiny_fragments(&after.client_data(8, EHLO));
+    k.pass(INGRESS, &first);
+    k.expect_none("a tiny fragment after C");
+    assert_eq!(k.stat(Stat::Unparsed), 1);
+}
+
+#[test]
+fn long_ipv6_extension_header_chains_are_walked_to_tcp() {
+    if !privileged("long_ipv6_extension_header_chains_are_walked_to_tcp") {
+        return;
+    }
+    let mut k = Kernel::load();
+    for (port, n) in [(40312u16, 5usize), (40313, 64)] {
+        let conv = Conversation::v6(&format!("[2001:db8::68]:{port}"));
+        conv.handshake(&k);
+        let mut seg = conv.client_data(0, EHLO);
+        seg.ipv6_ext = vec![Ipv6Ext::DestOpts { units: 0 }; n];
+        k.client_sends(&seg);
+        k.expect_early_talk(&conv, EHLO);
+    }
+    // Hop-by-hop anywhere but first is not taken by Linux.
+    let conv = Conversation::v6("[2001:db8::68]:40314");
+    conv.handshake(&k);
+    let mut seg = conv.client_data(0, EHLO);
+    seg.ipv6_ext = vec![
+        Ipv6Ext::DestOpts { units: 0 },
+        Ipv6Ext::HopByHop { units: 0 },
+    ];
+    dropped_then_talk_is_caught(&mut k, &conv, &seg, "a misplaced hop-by-hop header");
+}
+
+#[test]
+fn vlan_tagged_frames_are_followed() {
+    if !privileged("vlan_tagged_frames_are_followed") {
+        return;
+    }
+    let mut k = Kernel::load();
+    // 802.1Q, and QinQ (802.1ad outer, 802.1Q inner), left in the frame.
+    let tag = |frame: Vec<u8>, tags: &[[u8; 4]]| {
+        let mut out = frame[..12].to_vec();
+        for t in tags {
+            out.extend_from_slice(t);
+        }
+        out.extend_from_slice(&frame[12..]);
+        out
+    };
+    let dot1q = [0x81, 0x00, 0x00, 0x64];
+    let qinq = [[0x88, 0xa8, 0x00, 0x0a], dot1q];
+    for (client, tags, v6) in [
+        ("198.51.100.69:40315", &[dot1q][..], false),
+        ("198.51.100.69:40316", &qinq[..], false),
+        ("[2001:db8::69]:40317", &[dot1q][..], true),
+    ] {
+        let conv = if v6 {
+            Conversation::v6(client)
+        } else {
+            Conversation::v4(client)
+        };
+        k.pass(EGRESS, &tag(conv.syn_ack().frame(), tags));
+        k.pass(INGRESS, &tag(conv.ack().frame(), tags));
+        k.pass(INGRESS, &tag(conv.client_data(0, EHLO).frame(), tags));
+        k.expect_early_talk(&conv, EHLO);
+    }
+    let patient = Conversation::v4("198.51.100.69:40318");
+    k.pass(EGRESS, &tag(patient.syn_ack().frame(), &[dot1q]));
+    k.pass(INGRESS, &tag(patient.ack().frame(), &[dot1q]));
+    k.pass(
+        EGRESS,
+        &tag(patient.server_data(0, GREETING).frame(), &[dot1q]),
+    );
+    k.expect(&patient, Verdict::Pass);
+}
+
+#[test]
+fn greeting_in_one_byte_segments_with_retransmissions_is_pass() {
+    if !privileged("greeting_in_one_byte_segments_with_retransmissions_is_pass") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.70:40319");
+    conv.handshake(&k);
+    let greeting = b"220-mx.example\r\n220 ready\r\n";
+    for i in 0..greeting.len() - 1 {
+        k.server_sends(&conv.server_data(i as u32, &greeting[i..=i]));
+        // Each byte again, and an overlapping resend of the last three.
+        k.server_sends(&conv.server_data(i as u32, &greeting[i..=i]));
+        let from = i.saturating_sub(2);
+        k.server_sends(&conv.server_data(from as u32, &greeting[from..=i]));
+    }
+    k.expect_none("the final line is not complete yet");
+    // The last byte rides on an overlapping retransmission.
+    let n = greeting.len();
+    k.server_sends(&conv.server_data((n - 4) as u32, &greeting[n - 4..]));
+    k.expect(&conv, Verdict::Pass);
+}
+
+#[test]
+fn half_open_floods_never_evict_verified_flows() {
+    if !privileged("half_open_floods_never_evict_verified_flows") {
+        return;
+    }
+    let mut k = Kernel::load_with(loader::KernelConfig {
+        max_flows: 1024,
+        ..Default::default()
+    });
+    let waiting: Vec<Conversation> = (0..20)
+        .map(|i| Conversation::v4(&format!("198.51.100.71:{}", 41000 + i)))
+        .collect();
+    for conv in &waiting {
+        conv.handshake(&k);
+    }
+    // Forged SYNs answered by the server, and forged RSTs: 5x the table.
+    for i in 0..5120u32 {
+        let forged = Conversation::v4(&format!("203.0.113.{}:{}", i % 250, 20000 + i / 250));
+        k.server_sends(&forged.syn_ack());
+        k.client_sends(
+            &forged
+                .ack()
+                .flags(RST)
+                .seq(forged.client_next.wrapping_add(7)),
+        );
+    }
+    for conv in &waiting {
+        k.server_sends(&conv.server_data(0, GREETING));
+    }
+    let passes = k
+        .reports()
+        .iter()
+        .filter(|r| r.verdict == Verdict::Pass)
+        .count();
+    assert_eq!(passes, 20, "every verified flow kept its verdict");
+}
+
+#[test]
+fn a_new_handshake_on_the_same_ports_starts_afresh() {
+    if !privileged("a_new_handshake_on_the_same_ports_starts_afresh") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let old = Conversation::v4("198.51.100.72:40320");
+    old.handshake(&k);
+    k.server_sends(&old.server_data(0, GREETING));
+    k.expect(&old, Verdict::Pass);
+    // The port is reused for a new connection with new numbers.
+    let mut new = Conversation::v4("198.51.100.72:40320");
+    new.client_next = 0x7000_0001;
+    new.server_isn = 0x4000_0000;
+    new.handshake(&k);
+    k.client_sends(&new.client_data(0, EHLO));
+    k.expect_early_talk(&new, EHLO);
+}
+
+// PIPECONNECT by history: early talk is forgiven only to a client that
+// passed here before, and only where the MTA advertises PIPECONNECT.
+
+const OPENING: &[u8] =
+    b"EHLO c.example\r\nMAIL FROM:<a@c.example> SIZE=1359\r\nRCPT TO:<b@test.example>\r\nBDAT 336 LAST\r\n";
+
+fn load_pipeconnect(pipeconnect: Pipeconnect) -> Kernel {
+    Kernel::load_with(loader::KernelConfig {
+        pipeconnect,
+        ..Default::default()
+    })
+}
+
+/// A client from `ip` that waits for the greeting: PASS.
+fn passes(k: &mut Kernel, ip: &str, port: u16) {
+    let conv = Conversation::v4(&format!("{ip}:{port}"));
+    conv.handshake(k);
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect(&conv, Verdict::Pass);
+}
+
+#[test]
+fn early_talk_from_a_client_that_passed_before_is_pipeconnect() {
+    if !privileged("early_talk_from_a_client_that_passed_before_is_pipeconnect") {
+        return;
+    }
+    let mut k = load_pipeconnect(Pipeconnect::All);
+    // First contact: a blind sender, byte for byte a PIPECONNECT opening.
+    let first = Conversation::v4("198.51.100.80:40400");
+    first.handshake(&k);
+    k.client_sends(&first.client_data(0, OPENING));
+    k.expect_early_talk(&first, OPENING);
+    // A client that waited once may pipe its opening next time.
+    passes(&mut k, "198.51.100.81", 40401);
+    let again = Conversation::v4("198.51.100.81:40402");
+    again.handshake(&k);
+    k.client_sends(&again.client_data(0, OPENING));
+    let r = k.expect(&again, Verdict::Pipeconnect);
+    assert_eq!(r.bytes as usize, OPENING.len());
+    assert!(r.passed_at.is_some());
+    assert_eq!(k.stat(Stat::Pipeconnect), 1);
+    // The same in a Fast Open SYN.
+    let mut tfo = Conversation::v4("198.51.100.81:40403");
+    let isn = tfo.client_next.wrapping_sub(1);
+    k.client_sends(
+        &Tcp::new(tfo.client, tfo.server)
+            .seq(isn)
+            .flags(SYN)
+            .payload(OPENING),
+    );
+    tfo.client_next = tfo.client_next.wrapping_add(OPENING.len() as u32);
+    tfo.handshake(&k);
+    let r = k.expect(&tfo, Verdict::Pipeconnect);
+    assert_eq!(r.how, spamdelay_common::event::HOW_SYN);
+}
+
+#[test]
+fn passing_before_forgives_nothing_without_pipeconnect() {
+    if !privileged("passing_before_forgives_nothing_without_pipeconnect") {
+        return;
+    }
+    let mut k = Kernel::load();
+    passes(&mut k, "198.51.100.82", 40410);
+    let conv = Conversation::v4("198.51.100.82:40411");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(0, OPENING));
+    k.expect_early_talk(&conv, OPENING);
+}
+
+#[test]
+fn pipeconnect_host_lists_limit_the_exemption() {
+    if !privileged("pipeconnect_host_lists_limit_the_exemption") {
+        return;
+    }
+    let net = |s: &str| s.parse::<Cidr>().expect("a test CIDR");
+    let mut k = load_pipeconnect(Pipeconnect::Hosts(vec![
+        (net("198.51.100.0/24"), true),
+        (net("198.51.100.83"), false),
+    ]));
+    for (ip, verdict) in [
+        ("198.51.100.84", Verdict::Pipeconnect),
+        ("198.51.100.83", Verdict::EarlyTalk),
+        ("203.0.113.84", Verdict::EarlyTalk),
+    ] {
+        passes(&mut k, ip, 40420);
+        let conv = Conversation::v4(&format!("{ip}:40421"));
+        conv.handshake(&k);
+        k.client_sends(&conv.client_data(0, OPENING));
+        k.expect(&conv, verdict);
+    }
+}
+
+#[test]
+fn passes_expire_after_the_ttl_and_restored_ones_count() {
+    if !privileged("passes_expire_after_the_ttl_and_restored_ones_count") {
+        return;
+    }
+    let mut k = Kernel::load_with(loader::KernelConfig {
+        pipeconnect: Pipeconnect::All,
+        pass_ttl: std::time::Duration::from_millis(300),
+        ..Default::default()
+    });
+    passes(&mut k, "198.51.100.85", 40430);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let late = Conversation::v4("198.51.100.85:40431");
+    late.handshake(&k);
+    k.client_sends(&late.client_data(0, OPENING));
+    k.expect_early_talk(&late, OPENING);
+    // A pass the daemon restores (from before a restart) counts at once.
+    let expires = spamdelay::clock::boot_ns() + 60_000_000_000;
+    let ip = "198.51.100.86".parse().expect("a test address");
+    loader::restore_passers(&mut k.ebpf, [(ip, expires)].into_iter()).expect("restoring");
+    let conv = Conversation::v4("198.51.100.86:40432");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(0, OPENING));
+    k.expect(&conv, Verdict::Pipeconnect);
+}
+
+// Benign probes: exactly the probe is a PROBE; anything more is an offence.
+
+const PROBE: &[u8] = b"EHLO we-guess.mozilla.org\r\n";
+
+#[test]
+fn exact_benign_probe_is_probe_and_more_is_early_talk() {
+    if !privileged("exact_benign_probe_is_probe_and_more_is_early_talk") {
+        return;
+    }
+    let mut k = Kernel::load_with(loader::KernelConfig {
+        probes: vec![PROBE.to_vec()],
+        ..Default::default()
+    });
+    // Thunderbird: the probe, the greeting, QUIT. Not a pass either.
+    let tb = Conversation::v4("198.51.100.90:40500");
+    tb.handshake(&k);
+    k.client_sends(&tb.client_data(0, PROBE));
+    let r = k.expect(&tb, Verdict::Probe);
+    assert_eq!(r.payload, PROBE);
+    k.server_sends(&tb.server_data(0, GREETING));
+    k.expect_none("a probed flow's greeting is no PASS");
+    // The probe, then MAIL before the greeting.
+    let sneaky = Conversation::v4("198.51.100.91:40501");
+    sneaky.handshake(&k);
+    k.client_sends(&sneaky.client_data(0, PROBE));
+    k.expect(&sneaky, Verdict::Probe);
+    let mail = b"MAIL FROM:<spam@example.com>\r\n";
+    k.client_sends(&sneaky.client_data(PROBE.len() as u32, mail));
+    k.expect_early_talk(&sneaky, mail);
+    // The probe and MAIL in one segment, or a near miss.
+    let mut both = PROBE.to_vec();
+    both.extend_from_slice(mail);
+    for (port, payload) in [(40502, &both[..]), (40503, b"EHLO we-guess.mozilla.org\n")] {
+        let conv = Conversation::v4(&format!("198.51.100.92:{port}"));
+        conv.handshake(&k);
+        k.client_sends(&conv.client_data(0, payload));
+        k.expect_early_talk(&conv, payload);
+    }
+    assert_eq!(k.stat(Stat::Probe), 2);
 }

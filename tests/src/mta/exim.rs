@@ -20,6 +20,8 @@ use nix::{
 };
 use tempfile::TempDir;
 
+pub mod client;
+
 use crate::{
     lab::{Netns, SERVER_V4, SERVER_V6},
     mta::unpack_dir,
@@ -76,27 +78,28 @@ impl Exim {
 
     /// [`Exim::start`] with any PIPECONNECT setting, including none at all.
     pub fn start_with(ns: &Netns, delay: Duration, pipeconnect: Pipeconnect) -> Result<Self> {
+        Self::start_with_acl(ns, delay, pipeconnect, "")
+    }
+
+    /// [`Exim::start_with`] with `before_delay`, connect-ACL statements
+    /// placed ahead of `accept delay` (`accept hosts = net-iplsearch;FILE`:
+    /// the clients listed in FILE get their greeting at once).
+    pub fn start_with_acl(
+        ns: &Netns,
+        delay: Duration,
+        pipeconnect: Pipeconnect,
+        before_delay: &str,
+    ) -> Result<Self> {
         if delay.subsec_nanos() != 0 {
             bail!("Exim delays in whole seconds only, not {delay:?}");
         }
-        let dir = tempfile::Builder::new()
-            .prefix("spamdelay-exim-")
-            .tempdir()
-            .context("creating Exim's directory")?;
-        // Exim drops to its own user for each connection, which must still
-        // reach its spool and log below here.
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
-            .context("opening Exim's directory")?;
-        let (uid, gid) = private_user_db(dir.path())?;
-        for sub in ["spool", "log"] {
-            let path = dir.path().join(sub);
-            fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-            chown(&path, Some(uid), Some(gid))
-                .with_context(|| format!("handing {} to {EXIM_USER}", path.display()))?;
-        }
+        let dir = private_dir("spamdelay-exim-")?;
         let config = dir.path().join("exim.conf");
-        fs::write(&config, config_text(dir.path(), delay, pipeconnect))
-            .with_context(|| format!("writing {}", config.display()))?;
+        fs::write(
+            &config,
+            config_text(dir.path(), delay, pipeconnect, before_delay),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
         let stderr =
             fs::File::create(dir.path().join("stderr")).context("creating Exim's stderr")?;
 
@@ -165,7 +168,13 @@ impl Exim {
 
     /// Exim's main log so far (`log_file_path`, one line per event).
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("log/mainlog")).unwrap_or_default()
+        mainlog(self.dir.path())
+    }
+
+    /// Exim's panic log: what it could not do at all (a lookup that failed
+    /// to open its file, a config error found at run time). Empty when fine.
+    pub fn paniclog(&self) -> String {
+        fs::read_to_string(self.dir.path().join("log/paniclog")).unwrap_or_default()
     }
 
     fn stderr(&self) -> String {
@@ -226,35 +235,29 @@ fn exim_command(ns: &Netns, dir: &Path, config: &Path) -> Command {
     cmd
 }
 
-/// The config: our own paths everywhere, no DNS, no TLS, no ident, a
-/// connect-ACL delay, and every recipient accepted and thrown away so a test
-/// message gets its 250 without any delivery.
-fn config_text(dir: &Path, delay: Duration, pipeconnect: Pipeconnect) -> String {
-    let dir = dir.display();
-    let exim = binary();
-    let exim = exim.display();
+/// The server's config: the base, the lab server's addresses, a connect-ACL
+/// delay, and every recipient accepted and thrown away so a test message
+/// gets its 250 without any delivery.
+fn config_text(
+    dir: &Path,
+    delay: Duration,
+    pipeconnect: Pipeconnect,
+    before_delay: &str,
+) -> String {
     let delay = delay.as_secs();
+    let before_delay: String = before_delay
+        .lines()
+        .map(|l| format!("  {}\n", l.trim()))
+        .collect();
     let pipeconnect = match pipeconnect {
         Pipeconnect::Off => "pipelining_connect_advertise_hosts =\n",
         Pipeconnect::All => "pipelining_connect_advertise_hosts = *\n",
         Pipeconnect::Unset => "",
     };
+    let base = base_config(dir, "mx.example.test");
     format!(
         "\
-# spamdelay test Exim: see tests/src/mta/exim.rs.
-exim_path = {exim}
-exim_user = {EXIM_USER}
-exim_group = {EXIM_USER}
-primary_hostname = mx.example.test
-local_interfaces = <; {SERVER_V4}.25 ; {SERVER_V6}.25
-spool_directory = {dir}/spool
-log_file_path = {dir}/log/%slog
-pid_file_path = {dir}/exim.pid
-# No DNS or ident in a lab namespace: nothing may wait on a resolver.
-host_lookup =
-rfc1413_hosts =
-tls_advertise_hosts =
-keep_environment =
+{base}local_interfaces = <; {SERVER_V4}.25 ; {SERVER_V6}.25
 {pipeconnect}# Client ports in the log, to match spamdelay's verdicts per connection.
 log_selector = +incoming_port +smtp_connection +pipelining
 acl_smtp_connect = acl_connect
@@ -263,12 +266,62 @@ acl_smtp_rcpt = acl_rcpt
 begin acl
 
 acl_connect:
-  accept delay = {delay}s
+{before_delay}  accept delay = {delay}s
 
 acl_rcpt:
   discard
 "
     )
+}
+
+/// What every test Exim's config starts with, server or client: its own
+/// paths under `dir` and its user, no DNS, no TLS, no ident.
+fn base_config(dir: &Path, hostname: &str) -> String {
+    let dir = dir.display();
+    let exim = binary();
+    let exim = exim.display();
+    format!(
+        "\
+# spamdelay test Exim: see tests/src/mta/exim.rs.
+exim_path = {exim}
+exim_user = {EXIM_USER}
+exim_group = {EXIM_USER}
+primary_hostname = {hostname}
+spool_directory = {dir}/spool
+log_file_path = {dir}/log/%slog
+pid_file_path = {dir}/exim.pid
+# No DNS or ident in a lab namespace: nothing may wait on a resolver.
+host_lookup =
+rfc1413_hosts =
+tls_advertise_hosts =
+keep_environment =
+"
+    )
+}
+
+/// A private directory for one Exim instance, server or client: open to
+/// Exim's user (each connection and delivery drops to it), with `spool` and
+/// `log` its own and the passwd/group copies [`exim_command`] mounts.
+fn private_dir(prefix: &str) -> Result<TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("creating Exim's directory")?;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+        .context("opening Exim's directory")?;
+    let (uid, gid) = private_user_db(dir.path())?;
+    for sub in ["spool", "log"] {
+        let path = dir.path().join(sub);
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        chown(&path, Some(uid), Some(gid))
+            .with_context(|| format!("handing {} to {EXIM_USER}", path.display()))?;
+    }
+    Ok(dir)
+}
+
+/// The main log of the Exim instance in `dir` (`log_file_path`).
+fn mainlog(dir: &Path) -> String {
+    fs::read_to_string(dir.join("log/mainlog")).unwrap_or_default()
 }
 
 /// Copies of /etc/passwd and /etc/group for the private mount namespace,
@@ -424,19 +477,29 @@ pub struct Received {
     pub id: String,
     pub sender: String,
     pub client: SocketAddr,
+    /// `L*`: the client sent its opening ahead of the banner (PIPECONNECT).
+    pub early_pipe: bool,
+    /// `TFO*`: the client's first bytes came in its SYN (TCP Fast Open).
+    pub syn_data: bool,
 }
 
 /// Parses `1xVbbj-0003TF-0C <= a@example.com H=(client.example)
-/// [198.51.100.10]:42447 P=esmtp S=440 id=...` (after the timestamp).
+/// [198.51.100.10]:42447 TFO* P=esmtp L* K S=440 id=...` (after the
+/// timestamp; `L*` and `TFO*` only when they apply).
 pub fn parse_received(line: &str) -> Option<Received> {
     let (head, rest) = line.split_once(" <= ")?;
     let id = head.split_whitespace().last()?.to_string();
     let (sender, rest) = rest.split_once(' ')?;
     let host = rest.split_once("H=")?.1;
+    // The flags come before `S=`; the message id after it is the client's.
+    let flags = rest.split_once(" S=").map_or(rest, |(f, _)| f);
+    let has = |flag: &str| flags.split_whitespace().any(|w| w == flag);
     Some(Received {
         id,
         sender: sender.to_string(),
         client: bracketed_addr(host)?,
+        early_pipe: has("L*"),
+        syn_data: has("TFO*"),
     })
 }
 
@@ -613,8 +676,19 @@ mod tests {
                 id: "1xVbbj-0003TF-0C".into(),
                 sender: "a@example.com".into(),
                 client: "198.51.100.10:42447".parse().expect("address"),
+                early_pipe: false,
+                syn_data: false,
             })
         );
+        let piped = "2026-12-01 04:26:03 1xYFRL-00030Y-1O <= sender@example.com \
+                     H=(c.example) [198.51.100.11]:41493 TFO* P=esmtp L* K S=494 \
+                     id=E1xYFRL-00030T-1M@c.example";
+        let piped = parse_received(piped).expect("a <= line");
+        assert!(piped.early_pipe && piped.syn_data, "{piped:?}");
+        let plain = "2026-12-01 04:26:03 1xYFRL-00030H-1H <= sender@example.com \
+                     H=(c.example) [198.51.100.11]:49839 P=esmtp L. K S=494 id=x@c.example";
+        let plain = parse_received(plain).expect("a <= line");
+        assert!(!plain.early_pipe && !plain.syn_data, "{plain:?}");
         let conn = "2026-11-23 21:29:49 SMTP connection from [2001:db8::10]:50524 (TCP/IP \
                     connection count = 1)";
         assert_eq!(

@@ -1,5 +1,6 @@
 //! Real MTAs run in a lab's server namespace with private configs: Postfix
-//! postscreen, Exim with a connect-ACL delay, Sendmail with greet_pause.
+//! postscreen, Exim with a connect-ACL delay, Sendmail with greet_pause; and
+//! Exim as a sending client in the client namespace (`exim::client`).
 //! Installed by `tests/mta/install-*.sh` (`.ci/run` calls them).
 
 use std::path::PathBuf;

@@ -52,6 +52,17 @@ impl Postfix {
     /// (whole seconds: Postfix has no finer time unit), the `220-` teaser
     /// banner on and `postscreen_greet_action = enforce`.
     pub fn start(ns: &Netns, greet_wait: Duration) -> Result<Postfix> {
+        Self::start_with(ns, greet_wait, &[])
+    }
+
+    /// [`Postfix::start`] with main.cf `settings` (name, value) replacing the
+    /// fixture's own or added to them: `("postscreen_access_list",
+    /// "permit_mynetworks, cidr:FILE")`, say.
+    pub fn start_with(
+        ns: &Netns,
+        greet_wait: Duration,
+        settings: &[(&str, &str)],
+    ) -> Result<Postfix> {
         if greet_wait.is_zero() || greet_wait.subsec_nanos() != 0 {
             bail!("postscreen_greet_wait takes whole seconds, not {greet_wait:?}");
         }
@@ -76,7 +87,10 @@ impl Postfix {
         fs::set_permissions(&spool, fs::Permissions::from_mode(0o755))
             .with_context(|| format!("opening up {}", spool.display()))?;
         let files = [
-            ("main.cf", main_cf(root.path(), greet_wait)),
+            (
+                "main.cf",
+                with_settings(&main_cf(root.path(), greet_wait), settings),
+            ),
             ("master.cf", MASTER_CF.to_string()),
         ];
         for (name, text) in files {
@@ -138,6 +152,13 @@ impl Postfix {
     /// `postconf -c` and spamdelay's `--mta-config` take.
     pub fn config_dir(&self) -> &Path {
         &self.config
+    }
+
+    /// A shell command that makes this instance re-read its configuration
+    /// and tables (`postfix -c DIR reload`), to be run in its namespace: a
+    /// `--pass-cache-reload` for spamdelay running beside it.
+    pub fn reload_command(&self) -> String {
+        format!("{POSTFIX} -c '{}' reload", self.config.display())
     }
 
     /// The log file (`maillog_file`), for tools that follow it (fail2ban).
@@ -238,6 +259,31 @@ alias_database =
 biff = no
 "
     )
+}
+
+/// `main_cf` with each of `settings` replacing the line that sets the same
+/// parameter, or appended when none does (Postfix warns about a parameter
+/// set twice, so an override must replace, not follow).
+fn with_settings(main_cf: &str, settings: &[(&str, &str)]) -> String {
+    let mut unused: Vec<&(&str, &str)> = settings.iter().collect();
+    let mut out = String::new();
+    for line in main_cf.lines() {
+        let name = line.split_once('=').map(|(n, _)| n.trim());
+        match unused.iter().position(|(n, _)| Some(*n) == name) {
+            Some(i) => {
+                let (n, v) = unused.remove(i);
+                out.push_str(&format!("{n} = {v}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    for (n, v) in unused {
+        out.push_str(&format!("{n} = {v}\n"));
+    }
+    out
 }
 
 /// master.cf: postscreen on port 25 handing passed clients to smtpd, the
@@ -368,6 +414,23 @@ Nov 23 21:29:04 mx postfix/postscreen[12206]: NOQUEUE: reject: RCPT from [198.51
 Nov 23 21:29:07 mx postfix/postscreen[12206]: PASS NEW [2001:db8::10]:38935
 Nov 23 21:29:07 mx postfix/smtpd[12242]: connect from unknown[2001:db8::10]
 ";
+
+    #[test]
+    fn settings_replace_the_fixtures_own_or_are_added() {
+        let text = "a = 1\npostscreen_access_list = permit_mynetworks\nb = 2\n";
+        let got = with_settings(
+            text,
+            &[
+                ("postscreen_access_list", "permit_mynetworks, cidr:/x"),
+                ("c", "3"),
+            ],
+        );
+        assert_eq!(
+            got,
+            "a = 1\npostscreen_access_list = permit_mynetworks, cidr:/x\nb = 2\nc = 3\n"
+        );
+        assert_eq!(with_settings(text, &[]), text);
+    }
 
     #[test]
     fn parses_postscreen_lines() {

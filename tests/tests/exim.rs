@@ -347,7 +347,10 @@ fn pipeconnect_left_unset_is_exims_default() {
     assert!(verdict(&daemon, first).starts_with("PASS "));
     let talk = finish(early_ehlo(&lab, 1, false));
     assert_eq!(talk.cut_short, None, "{talk:?}");
-    let v = verdict(&daemon, SocketAddr::new(Lab::client_addr(1, false), talk.port));
+    let v = verdict(
+        &daemon,
+        SocketAddr::new(Lab::client_addr(1, false), talk.port),
+    );
     assert!(v.starts_with("PIPECONNECT "), "{v}");
     assert_not_banned(&daemon, &lab, Lab::client_addr(1, false));
 }

@@ -10,10 +10,12 @@ mod maps;
 mod parse;
 mod trace;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use parse::{Dir, Packet};
 
-/// Client to server. Never drops: enforcement is nftables' job.
+/// Client to server. Only watches: `TC_ACT_UNSPEC` (TCX_NEXT) lets every
+/// program after it run, the next TCX link and legacy clsact filters alike;
+/// any other code would end the chain for them. Enforcement is nftables' job.
 #[classifier]
 pub fn spamdelay_ingress(ctx: TcContext) -> i32 {
     match parse::packet(&ctx, Dir::FromClient) {
@@ -21,7 +23,7 @@ pub fn spamdelay_ingress(ctx: TcContext) -> i32 {
         Some(Packet::Tail(tail)) => flow::tcp_tail(&ctx, &tail),
         None => {}
     }
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// Server to client.
@@ -30,15 +32,15 @@ pub fn spamdelay_egress(ctx: TcContext) -> i32 {
     if let Some(Packet::Segment(seg)) = parse::packet(&ctx, Dir::FromServer) {
         flow::from_server(&ctx, &seg);
     }
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// Benchmark baseline (`cargo xtask bench`): does nothing, so the cost of
 /// being attached and run at all can be told apart from spamdelay's own.
-/// Never attached by the daemon.
+/// Never attached by the daemon; it watches like the others.
 #[classifier]
 pub fn spamdelay_empty(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 #[cfg(not(test))]

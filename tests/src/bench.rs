@@ -123,16 +123,32 @@ pub fn total(programs: &[Attached], hook: Option<&str>) -> RunStats {
 /// The kernel object's name for the baseline program (`spamdelay-ebpf`).
 pub const EMPTY_PROGRAM: &str = "spamdelay_empty";
 
-/// The empty classifier (`TC_ACT_OK` and nothing else) attached with TCX to
-/// an interface's ingress and egress, as `spamdelay::loader::attach` attaches
-/// spamdelay's own: the baseline that tells the cost of spamdelay's code from
-/// the cost of running any program at all. Detached on drop.
+/// How a program is hooked to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// A TCX link, appended after whatever is attached already.
+    Tcx,
+    /// A legacy filter on the clsact qdisc (`tc filter ... bpf`), which
+    /// runs after every TCX program has said TCX_NEXT.
+    Clsact,
+}
+
+/// The empty classifier (`TC_ACT_UNSPEC` and nothing else) attached to an
+/// interface's ingress and egress: with TCX, as `spamdelay::loader::attach`
+/// attaches spamdelay's own, it is the baseline that tells the cost of
+/// spamdelay's code from the cost of running any program at all; attached
+/// after spamdelay, it is the other program that must keep running.
+/// Detached on drop.
 pub struct EmptyClassifier {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl EmptyClassifier {
     pub fn attach(ns: &Netns, iface: &str) -> Result<EmptyClassifier> {
+        Self::attach_as(ns, iface, Hook::Tcx)
+    }
+
+    pub fn attach_as(ns: &Netns, iface: &str, how: Hook) -> Result<EmptyClassifier> {
         let iface = iface.to_string();
         // The same embedded object the daemon loads; its maps come along
         // unused.
@@ -149,17 +165,33 @@ impl EmptyClassifier {
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("loading {EMPTY_PROGRAM}"))?;
+            if how == Hook::Clsact {
+                // Already there (EEXIST) is fine; a real failure shows below.
+                let _ = aya::programs::tc::qdisc_add_clsact(&iface);
+            }
             for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
-                prog.attach_with_options(
-                    &iface,
-                    hook,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .with_context(|| format!("attaching {EMPTY_PROGRAM} to {iface} (TCX)"))?;
+                let options = match how {
+                    Hook::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    Hook::Clsact => {
+                        TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default())
+                    }
+                };
+                prog.attach_with_options(&iface, hook, options)
+                    .with_context(|| format!("attaching {EMPTY_PROGRAM} to {iface} ({how:?})"))?;
             }
             Ok(ebpf)
         })??;
-        Ok(EmptyClassifier { _ebpf: ebpf })
+        Ok(EmptyClassifier { ebpf })
+    }
+
+    /// How often the kernel has run it (counted while `BpfStats` lives).
+    pub fn runs(&self) -> Result<u64> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(EMPTY_PROGRAM)
+            .ok_or_else(|| anyhow!("no program {EMPTY_PROGRAM}"))?
+            .try_into()?;
+        Ok(prog.info()?.run_count())
     }
 }
 

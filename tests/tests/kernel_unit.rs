@@ -23,7 +23,9 @@ use spamdelay_tests::{
     privileged,
 };
 
-const TC_ACT_OK: u32 = 0;
+/// What a program that only watches returns (TCX_NEXT): the next program
+/// in the chain still runs.
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const SERVER_V4: &str = "192.0.2.25:25";
 const SERVER_V6: &str = "[2001:db8::25]:25";
 const EHLO: &[u8] = b"EHLO spam.example\r\n";
@@ -71,7 +73,7 @@ impl Kernel {
         let ret = self
             .run(program, frame)
             .unwrap_or_else(|e| panic!("test run of {program} on {} bytes: {e:?}", frame.len()));
-        assert_eq!(ret, TC_ACT_OK, "{program} must never drop");
+        assert_eq!(ret, TC_ACT_UNSPEC, "{program} must never drop");
     }
 
     fn client_sends(&self, seg: &Tcp) {
@@ -207,7 +209,7 @@ fn assert_ignored_then_flag(k: &mut Kernel, conv: &Conversation, frame: &[u8]) {
 /// that does run it must see the program pass it.
 fn run_runt(k: &Kernel, program: &str, frame: &[u8]) {
     match k.run(program, frame) {
-        Ok(ret) => assert_eq!(ret, TC_ACT_OK, "{program} must never drop"),
+        Ok(ret) => assert_eq!(ret, TC_ACT_UNSPEC, "{program} must never drop"),
         Err(ProgramError::SyscallError(e)) => {
             assert_eq!(e.io_error.raw_os_error(), Some(libc::EINVAL), "{e:?}");
         }
@@ -558,7 +560,7 @@ fn jumbo_payload_is_counted_where_test_runs_allow_it() {
     let payload = pattern(8960);
     match k.run(INGRESS, &conv.client_data(0, &payload).frame()) {
         Ok(ret) => {
-            assert_eq!(ret, TC_ACT_OK);
+            assert_eq!(ret, TC_ACT_UNSPEC);
             k.expect_early_talk(&conv, &payload);
         }
         Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => {

@@ -177,9 +177,9 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         counters: Default::default(),
     };
     let (tx, rx) = mpsc::channel(65536);
-    let reader = tokio::spawn(events::forward(ring, tx));
-    let enforcing = tokio::spawn(enforcer.run(rx));
-    let reporting = tokio::spawn(report_status(
+    let mut reader = tokio::spawn(read_events(ring, tx));
+    let mut enforcing = tokio::spawn(enforcer.run(rx));
+    let mut reporting = tokio::spawn(report_status(
         stats.clone(),
         status.clone(),
         state_dir.clone(),
@@ -187,21 +187,35 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = sigint.recv() => {}
-        _ = sigterm.recv() => {}
+    // Serve until a signal, or until a task ends: none may end on its own,
+    // and a daemon that no longer reads or bans must not look alive. It
+    // exits non-zero with the reason, so a supervisor restarts it.
+    let failure = tokio::select! {
+        _ = sigint.recv() => None,
+        _ = sigterm.recv() => None,
+        r = &mut reader => Some(ended("the ring-buffer reader", r.map(|r| r.map_err(anyhow::Error::from)))),
+        r = &mut enforcing => Some(ended("the enforcer", r.map(Ok))),
+        r = &mut reporting => Some(ended("the status writer", r.map(Ok))),
+    };
+    if let Some(why) = &failure {
+        log::error!("{why}: stopping so that a supervisor can restart spamdelay");
     }
     // Closing the channel lets the enforcer finish what it has, then stop.
-    reader.abort();
-    let _ = reader.await;
-    if tokio::time::timeout(Duration::from_secs(5), enforcing)
-        .await
-        .is_err()
+    if !reader.is_finished() {
+        reader.abort();
+        let _ = (&mut reader).await;
+    }
+    if !enforcing.is_finished()
+        && tokio::time::timeout(Duration::from_secs(5), &mut enforcing)
+            .await
+            .is_err()
     {
         warn!("the enforcer did not finish within 5 s");
     }
-    reporting.abort();
-    let _ = reporting.await;
+    if !reporting.is_finished() {
+        reporting.abort();
+        let _ = (&mut reporting).await;
+    }
     if let Some(task) = kernel_log {
         task.abort();
     }
@@ -216,7 +230,39 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     }
     // Dropping the object detaches every program.
     drop(ebpf);
-    Ok(())
+    match failure {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
+}
+
+/// Why a task that should run for ever ended.
+fn ended(task: &str, result: Result<Result<()>, tokio::task::JoinError>) -> String {
+    match result {
+        Ok(Ok(())) => format!("{task} stopped"),
+        Ok(Err(e)) => format!("{task} failed: {e:#}"),
+        Err(e) if e.is_panic() => format!("{task} panicked"),
+        Err(e) => format!("{task} was cancelled: {e}"),
+    }
+}
+
+/// Test switch: `SPAMDELAY_TEST_FAULT=reader` makes the ring-buffer reader
+/// fail a moment after start, as a lost ring buffer would, so the tests can
+/// prove the daemon does not go on without it.
+const FAULT_SWITCH: &str = "SPAMDELAY_TEST_FAULT";
+
+/// The ring-buffer reader's task.
+async fn read_events(
+    ring: aya::maps::RingBuf<MapData>,
+    tx: mpsc::Sender<events::Report>,
+) -> std::io::Result<()> {
+    if std::env::var_os(FAULT_SWITCH).is_some_and(|v| v == "reader") {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        return Err(std::io::Error::other(format!(
+            "stopped by {FAULT_SWITCH}=reader (a test switch)"
+        )));
+    }
+    events::forward(ring, tx).await
 }
 
 /// Gives the kernel the passes remembered from before this start, so a

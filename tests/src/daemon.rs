@@ -49,8 +49,24 @@ impl Daemon {
         args: &[&str],
         state: Arc<tempfile::TempDir>,
     ) -> Result<Self> {
+        Self::spawn(ns, args, state, &[])
+    }
+
+    /// Starts `spamdelay run ARGS` with extra environment variables.
+    pub fn start_with_env(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let state = Arc::new(tempfile::tempdir().context("creating a state directory")?);
+        Self::spawn(ns, args, state, env)
+    }
+
+    fn spawn(
+        ns: &Netns,
+        args: &[&str],
+        state: Arc<tempfile::TempDir>,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut child = ns
             .command(binary())
+            .envs(env.iter().copied())
             .arg("--state-dir")
             .arg(state.path())
             .arg("run")
@@ -137,7 +153,12 @@ impl Daemon {
     /// SIGTERM, then the exit status and the whole log.
     pub fn stop(mut self) -> Result<(ExitStatus, Vec<String>)> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself.
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<(ExitStatus, Vec<String>)> {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 // Let the pipe readers catch up with the last lines.
@@ -145,7 +166,7 @@ impl Daemon {
                 return Ok((status, self.lines()));
             }
             if Instant::now() > deadline {
-                bail!("spamdelay ignored SIGTERM for 10 s");
+                bail!("spamdelay still ran after {timeout:?}");
             }
             thread::sleep(Duration::from_millis(20));
         }

@@ -1,9 +1,13 @@
-//! spamdelay only watches: the tc programs after it on the same interface,
-//! a later TCX link or a legacy `tc filter ... bpf`, must keep running.
+//! spamdelay beside the rest of the host: it only watches, so the tc
+//! programs after it (a later TCX link, a legacy `tc filter ... bpf`) keep
+//! running; and it never goes on half-alive when one of its tasks dies.
+
+use std::time::Duration;
 
 use spamdelay_tests::{
     bench::{BpfStats, EmptyClassifier, Hook, tcx_programs},
-    lab::SERVER_IF,
+    daemon::Daemon,
+    lab::{Lab, SERVER_IF},
     privileged,
     scenario::Scenario,
     smtp::{self, Greeting},
@@ -45,4 +49,30 @@ fn programs_after_spamdelay_keep_running() {
         "the legacy filter ran: {before:?} -> {after:?}"
     );
     s.stop();
+}
+
+#[test]
+fn a_daemon_whose_reader_dies_exits_non_zero_with_the_reason() {
+    if !privileged("a_daemon_whose_reader_dies_exits_non_zero_with_the_reason") {
+        return;
+    }
+    let lab = Lab::new().expect("building the namespace lab");
+    let daemon = Daemon::start_with_env(
+        &lab.server,
+        &["--iface", SERVER_IF, "--mta", "none"],
+        &[("SPAMDELAY_TEST_FAULT", "reader")],
+    )
+    .expect("starting spamdelay");
+    let (status, lines) = daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("the daemon stops by itself");
+    assert!(!status.success(), "{status:?}: {lines:#?}");
+    assert!(
+        lines.iter().any(|l| l
+            == "spamdelay: error: the ring-buffer reader failed: stopped by SPAMDELAY_TEST_FAULT=reader (a test switch)"),
+        "{lines:#?}"
+    );
+    // It detached on the way out: nothing is left on the interface.
+    let left = tcx_programs(&lab.server, SERVER_IF).expect("querying TCX");
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -151,7 +151,7 @@ impl Daemon {
     }
 
     /// SIGTERM, then the exit status and the whole log.
-    pub fn stop(mut self) -> Result<(ExitStatus, Vec<String>)> {
+    pub fn stop(self) -> Result<(ExitStatus, Vec<String>)> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
         self.wait_exit(Duration::from_secs(10))
     }

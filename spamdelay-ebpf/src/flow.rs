@@ -529,7 +529,13 @@ fn judge_talk(ctx: &TcContext, key: &FlowKey, flow: &mut Flow, talk: &Talk) {
         return;
     }
     match passed_before(key) {
-        Some(passed) => emit(ctx, key, flow, Verdict::Pipeconnect, Some(talk), passed),
+        Some(passed) => {
+            emit(ctx, key, flow, Verdict::Pipeconnect, Some(talk), passed);
+            // A client that keeps piping from the cache it built by waiting
+            // here keeps its standing: Exim's cache may outlive the TTL,
+            // and a real sender must not be banned for using it.
+            remember_pass(key);
+        }
         None => emit(ctx, key, flow, Verdict::EarlyTalk, Some(talk), 0),
     }
     flow.state = STATE_DONE;

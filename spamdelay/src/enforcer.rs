@@ -144,7 +144,11 @@ impl Enforcer {
     /// its own copy for PIPECONNECT either way.
     fn remember_passes(&mut self, batch: &[Report]) {
         let now = bans::now();
-        for r in batch.iter().filter(|r| r.verdict == Verdict::Pass) {
+        // A forgiven PIPECONNECT renews the pass, as the kernel does.
+        for r in batch
+            .iter()
+            .filter(|r| matches!(r.verdict, Verdict::Pass | Verdict::Pipeconnect))
+        {
             self.pass_cache.record(r.client.ip(), now);
         }
     }

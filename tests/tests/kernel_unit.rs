@@ -1337,8 +1337,15 @@ fn early_talk_from_a_client_that_passed_before_is_pipeconnect() {
     k.client_sends(&again.client_data(0, OPENING));
     let r = k.expect(&again, Verdict::Pipeconnect);
     assert_eq!(r.bytes as usize, OPENING.len());
-    assert!(r.passed_at.is_some());
+    let first_pass = r.passed_at.expect("when it passed");
     assert_eq!(k.stat(Stat::Pipeconnect), 1);
+    // Piping again renews its standing: the pass now dates from the pipe.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let later = Conversation::v4("198.51.100.81:40404");
+    later.handshake(&k);
+    k.client_sends(&later.client_data(0, OPENING));
+    let r = k.expect(&later, Verdict::Pipeconnect);
+    assert!(r.passed_at.expect("when it passed") > first_pass, "{r:?}");
     // The same in a Fast Open SYN.
     let mut tfo = Conversation::v4("198.51.100.81:40403");
     let isn = tfo.client_next.wrapping_sub(1);

@@ -70,7 +70,7 @@ pub async fn ban(store: &Store, cidr: Cidr, time: Duration, reason: &str) -> Res
     let now = bans::now();
     if let Some((by, b)) = locked.register.covering(&cidr, now)
         && *by != cidr
-        && b.expires >= now + time.as_secs()
+        && b.expires >= now.saturating_add(time.as_secs())
     {
         bail!(
             "{} is already banned as {} for longer: nothing to do",
@@ -88,10 +88,11 @@ pub async fn ban(store: &Store, cidr: Cidr, time: Duration, reason: &str) -> Res
         .collect();
     let prior = locked.register.bans.get(&cidr).map_or(0, |b| b.offences);
     let ban = Ban {
-        expires: now + time.as_secs(),
+        expires: now.saturating_add(time.as_secs()),
         reason: nft::comment(&format!("manual: {reason}")),
-        offences: prior + 1,
-        remember_until: now + time.as_secs(),
+        // The register is a file: its count may be anything.
+        offences: prior.saturating_add(1),
+        remember_until: now.saturating_add(time.as_secs()),
     };
     let t = locked.register.table.clone();
     t.ensure()

@@ -276,7 +276,7 @@ fn restore_passes(
     let ttl = cache.ttl.as_secs();
     let boot = crate::clock::boot_ns();
     let live = cache.live(now).map(|(ip, at)| {
-        let left = (at + ttl).saturating_sub(now);
+        let left = at.saturating_add(ttl).saturating_sub(now);
         (ip, boot.saturating_add(left.saturating_mul(1_000_000_000)))
     });
     let n = loader::restore_passers(ebpf, live)?;

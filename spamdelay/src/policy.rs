@@ -88,18 +88,18 @@ impl Policy {
             .saturating_mul(1u32.checked_shl(prior.min(31)).unwrap_or(u32::MAX));
         Sentence {
             duration: doubled.min(self.max_ban_time).max(Duration::from_secs(1)),
-            offences: prior + 1,
+            offences: prior.saturating_add(1),
         }
     }
 
     /// The register entry for a sentence.
     pub fn ban(&self, sentence: &Sentence, reason: String, now: u64) -> Ban {
-        let expires = now + sentence.duration.as_secs();
+        let expires = now.saturating_add(sentence.duration.as_secs());
         Ban {
             expires,
             reason,
             offences: sentence.offences,
-            remember_until: expires + self.remember.as_secs(),
+            remember_until: expires.saturating_add(self.remember.as_secs()),
         }
     }
 }

@@ -49,9 +49,10 @@ impl FromStr for Probe {
                 Some('\\') => out.push(b'\\'),
                 Some('x') => {
                     let hex: String = chars.by_ref().take(2).collect();
+                    // Two hex digits exactly: from_str_radix alone takes `+f`.
                     let byte = u8::from_str_radix(&hex, 16)
                         .ok()
-                        .filter(|_| hex.len() == 2)
+                        .filter(|_| hex.len() == 2 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
                         .ok_or_else(|| BadProbe::BadEscape(text.to_string()))?;
                     out.push(byte);
                 }
@@ -125,6 +126,10 @@ mod tests {
         ));
         assert!(matches!(
             "a\\x4".parse::<Probe>(),
+            Err(BadProbe::BadEscape(_))
+        ));
+        assert!(matches!(
+            "a\\x+f".parse::<Probe>(),
             Err(BadProbe::BadEscape(_))
         ));
         let long = "x".repeat(63);

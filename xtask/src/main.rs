@@ -1,4 +1,4 @@
-//! Developer workflows: `cargo xtask build-ebpf | build | run | test | lint | setup | demo | bench`.
+//! Developer workflows: `cargo xtask build-ebpf | build | run | test | lint | setup | demo | bench | fuzz`.
 //! The kernel object needs nightly, rust-src and bpf-linker; this installs them
 //! when they are missing so a fresh machine needs nothing but rustup.
 
@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod setup;
 
 /// The bpf-linker that works with the nightly toolchain's own LLVM here.
@@ -63,6 +64,15 @@ enum Cmd {
         /// Fewer rounds and clients (about a minute instead of 10).
         #[arg(long)]
         quick: bool,
+    },
+    /// Run the cargo-fuzz targets (fuzz/) for a bounded time each, with the
+    /// nightly toolchain; installs cargo-fuzz when missing. Not part of `test`.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        time: u64,
+        /// Targets to run (default: all of them).
+        targets: Vec<String>,
     },
 }
 
@@ -136,6 +146,11 @@ fn xtask(cmd: Cmd) -> Result<()> {
                 .env("SPAMDELAY_BIN", target_dir().join("release/spamdelay"))
                 .env("SPAMDELAY_BENCH_DIR", target_dir().join("bench")))
         }
+        Cmd::Fuzz { time, targets } => {
+            // The spamdelay crate embeds the kernel object.
+            build_ebpf(true)?;
+            fuzz::fuzz(&workspace_root(), time, &targets)
+        }
     }
 }
 
@@ -186,6 +201,20 @@ fn build_ebpf(install: bool) -> Result<()> {
     ensure_rust_src(install)?;
     ensure_bpf_linker(install)?;
     let root = workspace_root();
+    let mut cmd = nightly_cargo(&root.join("spamdelay-ebpf"));
+    cmd.args(["build", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"))
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        );
+    run(&mut cmd).context("building the kernel object (spamdelay-ebpf)")
+}
+
+/// `cargo` of the nightly toolchain, run in `dir`.
+fn nightly_cargo(dir: &Path) -> Command {
     let mut cmd = Command::new("rustup");
     // The outer cargo's toolchain choice must not leak into the nightly build.
     for var in [
@@ -199,16 +228,8 @@ fn build_ebpf(install: bool) -> Result<()> {
     ] {
         cmd.env_remove(var);
     }
-    cmd.current_dir(root.join("spamdelay-ebpf"))
-        .args(["run", "nightly", "cargo", "build", "--release"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(root.join("target/ebpf"))
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        );
-    run(&mut cmd).context("building the kernel object (spamdelay-ebpf)")
+    cmd.current_dir(dir).args(["run", "nightly", "cargo"]);
+    cmd
 }
 
 fn ensure_rust_src(install: bool) -> Result<()> {

@@ -132,7 +132,8 @@ pub(crate) fn need(path: PathBuf, what: &str) -> Result<PathBuf> {
 }
 
 /// `3s`, `1m30s`, `2m`, `1h`, a bare number of `default_unit`s: the time
-/// syntax Postfix and Exim share.
+/// syntax Postfix and Exim share. `None` for what is not a time, or more
+/// seconds than a u64 holds.
 pub fn parse_time(value: &str, default_unit: u64) -> Option<Duration> {
     let v = value.trim();
     if v.is_empty() {
@@ -147,7 +148,7 @@ pub fn parse_time(value: &str, default_unit: u64) -> Option<Duration> {
         }
         let n: u64 = num.parse().ok()?;
         num.clear();
-        total += n * match c {
+        let unit = match c {
             's' => 1,
             'm' => 60,
             'h' => 3600,
@@ -155,9 +156,11 @@ pub fn parse_time(value: &str, default_unit: u64) -> Option<Duration> {
             'w' => 7 * 86400,
             _ => return None,
         };
+        total = total.checked_add(n.checked_mul(unit)?)?;
     }
     if !num.is_empty() {
-        total += num.parse::<u64>().ok()? * default_unit;
+        let n: u64 = num.parse().ok()?;
+        total = total.checked_add(n.checked_mul(default_unit)?)?;
     }
     Some(Duration::from_secs(total))
 }
@@ -173,5 +176,12 @@ mod tests {
         assert_eq!(parse_time("3", 1), Some(Duration::from_secs(3)));
         assert_eq!(parse_time("x", 1), None);
         assert_eq!(parse_time("", 1), None);
+        // Found by `cargo xtask fuzz` (exim): this overflowed.
+        assert_eq!(parse_time("2222222222222222d", 1), None);
+        assert_eq!(
+            parse_time("18446744073709551615", 1),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(parse_time("18446744073709551615s1s", 1), None);
     }
 }

@@ -129,6 +129,13 @@ struct Params {
     raw: HashMap<String, String>,
 }
 
+/// References one `get` may expand, and the longest value it may build.
+/// Postfix refuses a parameter that refers to itself; here a loop, or a
+/// chain of parameters each naming the next several times (exponential),
+/// makes the value unknown instead of hanging the daemon's start.
+const MAX_REFERENCES: usize = 10_000;
+const MAX_VALUE_LEN: usize = 64 * 1024;
+
 impl Params {
     /// main.cf's settings over Postfix's defaults.
     fn new(main_cf: &str) -> Self {
@@ -140,23 +147,35 @@ impl Params {
         Params { raw }
     }
 
-    /// A parameter's value with `$name` references evaluated.
+    /// A parameter's value with `$name` references evaluated; empty (unknown)
+    /// when that takes more than `MAX_REFERENCES` or `MAX_VALUE_LEN`.
     fn get(&self, name: &str) -> String {
-        self.expand(self.raw.get(name).map(String::as_str).unwrap_or(""), 0)
+        let mut budget = MAX_REFERENCES;
+        let value = self.expand(
+            self.raw.get(name).map(String::as_str).unwrap_or(""),
+            0,
+            &mut budget,
+        );
+        if budget == 0 { String::new() } else { value }
     }
 
-    fn expand(&self, value: &str, depth: usize) -> String {
+    fn expand(&self, value: &str, depth: usize, budget: &mut usize) -> String {
         if depth > 16 {
             return value.to_string();
         }
         let mut out = String::new();
         let mut rest = value;
         while let Some(i) = rest.find('$') {
+            if *budget == 0 || out.len() > MAX_VALUE_LEN {
+                *budget = 0;
+                return out;
+            }
+            *budget -= 1;
             out.push_str(&rest[..i]);
             rest = &rest[i + 1..];
             if let Some(inner) = rest.strip_prefix('{') {
                 let end = matching_brace(inner).unwrap_or(inner.len());
-                out.push_str(&self.conditional(&inner[..end], depth));
+                out.push_str(&self.conditional(&inner[..end], depth, budget));
                 rest = inner.get(end + 1..).unwrap_or("");
             } else {
                 let end = rest
@@ -166,6 +185,7 @@ impl Params {
                 out.push_str(&self.expand(
                     self.raw.get(name).map(String::as_str).unwrap_or(""),
                     depth + 1,
+                    budget,
                 ));
                 rest = &rest[end..];
             }
@@ -175,15 +195,16 @@ impl Params {
     }
 
     /// `name`, `name?{a}:{b}`, `name?a`, `name:b` (the part inside `${...}`).
-    fn conditional(&self, expr: &str, depth: usize) -> String {
+    fn conditional(&self, expr: &str, depth: usize, budget: &mut usize) -> String {
         let Some(op) = expr.find(['?', ':']) else {
-            return self.expand(&format!("${expr}"), depth + 1);
+            return self.expand(&format!("${expr}"), depth + 1, budget);
         };
         let name = &expr[..op];
         let set = !self
             .expand(
                 self.raw.get(name).map(String::as_str).unwrap_or(""),
                 depth + 1,
+                budget,
             )
             .is_empty();
         let strip = |s: &str| {
@@ -200,7 +221,7 @@ impl Params {
         } else {
             (String::new(), strip(&expr[op + 1..]))
         };
-        self.expand(if set { &if_set } else { &if_unset }, depth + 1)
+        self.expand(if set { &if_set } else { &if_unset }, depth + 1, budget)
     }
 }
 
@@ -302,6 +323,16 @@ mod tests {
         );
         assert_eq!(p.get("smtpd_banner"), "mx.example ESMTP Postfix");
         assert_eq!(p.get("postscreen_greet_banner"), "mx.example ESMTP Postfix");
+    }
+
+    #[test]
+    fn references_without_end_make_the_value_unknown() {
+        // 4^16 expansions if followed to the depth limit.
+        let p = Params::new(
+            "myhostname = $myhostname$myhostname$myhostname$myhostname\nsmtpd_banner = $myhostname\n",
+        );
+        assert_eq!(p.get("postscreen_greet_banner"), "");
+        assert_eq!(Params::new("a = x\nb = $a$a\n").get("b"), "xx");
     }
 
     #[test]

@@ -164,8 +164,11 @@ fn syn_ack(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
         }
     }
     // The server answers a SYN on a connection it has with a challenge ACK,
-    // never a SYN-ACK: whatever was followed under this key is over.
-    let _ = FLOWS.remove(key);
+    // never a SYN-ACK: whatever was followed under this key is over. (A
+    // lookup first: a delete takes the bucket lock even for nothing.)
+    if FLOWS.get_ptr(key).is_some() {
+        let _ = FLOWS.remove(key);
+    }
     let mut half = HalfOpen {
         server_isn: seg.seq,
         client_next: seg.ack,

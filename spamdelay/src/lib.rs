@@ -13,6 +13,7 @@ pub mod events;
 pub mod loader;
 pub mod metrics;
 pub mod mta;
+pub mod netlink;
 pub mod nft;
 pub mod passcache;
 pub mod policy;

@@ -1,0 +1,176 @@
+//! Measurement 4, time to ban: blind clients at a modest rate, then all at
+//! once, from first payload to the element `nft monitor` sees; nft's floor.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use spamdelay_tests::{
+    bench::{percentile, sorted},
+    daemon,
+    flood::SilentServer,
+    lab::{Lab, SERVER_V6},
+    nft::{self, Monitor},
+};
+
+use crate::{
+    check_interrupted,
+    load::{
+        ACCEPT_BACKLOG, ban_delays, burst_blind, delay_cell, delay_json, paced_blind,
+        prepare_many_clients, rate_of, start_daemon, stop_daemon,
+    },
+    phases::Plan,
+    report::{Outcome, Ratio, Row, Verdict},
+};
+
+pub(crate) fn time_to_ban(plan: &Plan) -> Result<Outcome> {
+    let lab = Lab::new().context("building the namespace lab")?;
+    prepare_many_clients(&lab)?;
+    let _server = SilentServer::start(&lab.server, 25, ACCEPT_BACKLOG)?;
+    let daemon = start_daemon(&lab, &["--mta", "none", "--set-size", "65536"])?;
+    let monitor = Monitor::start(&lab.server)?;
+    let dst = SocketAddr::new(SERVER_V6.into(), 25);
+    let n = plan.ttb_clients;
+
+    eprintln!("bench: 4. {n} blind clients at {:.0}/s", plan.ttb_rate);
+    let modest = paced_blind(&lab, 0..n, plan.ttb_rate, dst)?;
+    monitor.wait_added(
+        "spamdelay",
+        modest.at.len(),
+        Duration::from_secs(30),
+        Duration::from_secs(5),
+    );
+    let (modest_ms, modest_missing) = ban_delays(&monitor.added(), "spamdelay", &modest);
+
+    check_interrupted()?;
+    eprintln!("bench: 4. {n} blind clients at once");
+    let burst = burst_blind(&lab, n..2 * n, dst, false)?;
+    monitor.wait_added(
+        "spamdelay",
+        modest.at.len() + burst.at.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(5),
+    );
+    let (burst_ms, burst_missing) = ban_delays(&monitor.added(), "spamdelay", &burst);
+    let transactions = monitor.transactions_adding_to("spamdelay");
+    let lines = stop_daemon(&lab, daemon)?;
+    drop(monitor);
+    let nft_ms = nft_run_ms(&lab)?;
+
+    let mut out = Outcome::default();
+    let p99 = percentile(&sorted(&modest_ms), 99.0);
+    out.rows.push(Row {
+        metric: format!(
+            "time to ban, first payload → element seen by `nft monitor`, {} clients at {:.0}/s",
+            modest.at.len(),
+            plan.ttb_rate
+        ),
+        a: delay_cell(&modest_ms),
+        b: "—".into(),
+        ratio: Ratio::None,
+        target: "p99 ≤ 5 ms".into(),
+        verdict: if modest_ms.is_empty() {
+            Verdict::Failed
+        } else {
+            Verdict::of(p99 <= 5.0 && modest_missing == 0)
+        },
+    });
+    out.rows.push(Row::info(
+        format!(
+            "time to ban, {} clients at once ({} connections/s)",
+            burst.at.len(),
+            rate_of(&burst)
+        ),
+        delay_cell(&burst_ms),
+    ));
+    for (what, missing, sent) in [
+        ("at the modest rate", modest_missing, &modest),
+        ("in the burst", burst_missing, &burst),
+    ] {
+        if missing > 0 || sent.errors > 0 {
+            out.notes.push(format!(
+                "time to ban {what}: {missing} clients never banned, {} could not connect ({})",
+                sent.errors,
+                sent.first_error.as_deref().unwrap_or("-")
+            ));
+        }
+    }
+    out.notes.push(format!(
+        "time to ban: {transactions} nft transactions for {} bans; a lone verdict goes to nft at once, and the verdicts that arrive during one transaction make up the next batch (at most {}); one `nft -j -f -` run adding one element to a small set takes {nft_ms:.1} ms here (median of {NFT_PROBE_RUNS}), the floor of every ban's latency",
+        modest_ms.len() + burst_ms.len(),
+        spamdelay::enforcer::BATCH_MAX
+    ));
+    out.detail.insert(
+        "modest".into(),
+        json!({"clients": n, "rate": plan.ttb_rate, "delays": delay_json(&modest_ms, modest_missing), "connect_errors": modest.errors}),
+    );
+    out.detail.insert(
+        "burst".into(),
+        json!({"clients": n, "delays": delay_json(&burst_ms, burst_missing), "connect_errors": burst.errors}),
+    );
+    out.detail
+        .insert("nft_transactions".into(), json!(transactions));
+    out.detail.insert("nft_run_ms".into(), json!(nft_ms));
+    out.detail.insert(
+        "ban_batches_in_log".into(),
+        json!(daemon::ban_batches(&lines)),
+    );
+    Ok(out)
+}
+
+const NFT_PROBE_RUNS: usize = 10;
+
+/// How long one `nft -j -f -` run takes here to add one element (with a
+/// timeout and a comment, as spamdelay's bans have) to a small set in a
+/// scratch table of the server namespace: the fixed part of every ban's
+/// latency (a process, its JSON, one netlink transaction). Milliseconds,
+/// median.
+fn nft_run_ms(lab: &Lab) -> Result<f64> {
+    const TABLE: &str = "spamdelay_bench_probe";
+    nft::nft(
+        &lab.server,
+        &[&format!(
+            "add table inet {TABLE}; add set inet {TABLE} s {{ type ipv6_addr; flags timeout; size 65536; }}"
+        )],
+    )?;
+    // Spawned from a thread inside the namespace, as the daemon spawns its
+    // own: `ip netns exec` would add a fork and exec of its own.
+    let ms = lab.server.run(|| -> Result<Vec<f64>> {
+        let mut ms = Vec::new();
+        for i in 0..NFT_PROBE_RUNS {
+            let doc = json!({"nftables": [{"add": {"element": {
+                "family": "inet", "table": TABLE, "name": "s",
+                "elem": [{"elem": {"val": format!("2001:db8::7:{i:x}"), "timeout": 3600, "comment": "probe"}}]
+            }}}]});
+            let t = Instant::now();
+            let mut child = Command::new("nft")
+                .args(["-j", "-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("running nft")?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin
+                    .write_all(doc.to_string().as_bytes())
+                    .context("writing to nft")?;
+            }
+            let out = child.wait_with_output().context("waiting for nft")?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            if !out.status.success() {
+                bail!(
+                    "nft -j -f -: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(ms)
+    })??;
+    nft::nft(&lab.server, &["delete", "table", "inet", TABLE])?;
+    Ok(percentile(&sorted(&ms), 50.0))
+}

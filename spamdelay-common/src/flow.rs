@@ -109,8 +109,9 @@ pub struct Flow {
     pub scanner: crate::GreetingScanner,
 }
 
-/// A client address, key of the passers map (`PASSERS`) and of the
-/// PIPECONNECT host lists: IPv4 in the first four bytes, the rest zero.
+/// A client address, key of the passers map (`PASSERS`), of the bridge
+/// block (`BRIDGE`) and of the PIPECONNECT host lists: IPv4 in the first
+/// four bytes, the rest zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ClientAddr {
@@ -136,6 +137,8 @@ pub const PIPECONNECT_LISTED: u8 = 2;
 
 /// Passers remembered at once (LRU beyond).
 pub const PASSERS_MAX: u32 = 65536;
+/// Bridge-blocked early talkers remembered at once (LRU beyond).
+pub const BRIDGE_MAX: u32 = 16384;
 /// Benign probes at most.
 pub const PROBES_MAX: u32 = 64;
 

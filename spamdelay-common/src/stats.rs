@@ -35,9 +35,12 @@ pub enum Stat {
     /// judge (over-long IPv6 extension header chains, an IPv4 first fragment
     /// too short for the TCP header's ack and flags).
     Unparsed,
+    /// New SYNs dropped by the bridge block: from a client flagged as an
+    /// early talker moments ago, before (or while) its nft ban takes hold.
+    BridgeBlocked,
 }
 
-pub const STAT_COUNT: u32 = Stat::Unparsed as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::BridgeBlocked as u32 + 1;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -56,6 +59,7 @@ impl Stat {
         Stat::Probe,
         Stat::Fragments,
         Stat::Unparsed,
+        Stat::BridgeBlocked,
     ];
 
     /// The counter's name in `status` output and logs.
@@ -76,6 +80,7 @@ impl Stat {
             Stat::Probe => "probe",
             Stat::Fragments => "fragments",
             Stat::Unparsed => "unparsed",
+            Stat::BridgeBlocked => "bridge_blocked",
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The per-flow state machine: a handshake verified from the server's SYN-ACK
 //! and the client's ACK, then one verdict (EARLY-TALK, QUIT, PASS, or a
 //! forgiven PIPECONNECT) per flow, judged on what the server's TCP accepts.
+//! An EARLY-TALK also opens the bridge block (`bridged`): the talker's new
+//! SYNs are dropped here for `--bridge-time`, before they make a flow.
 //!
 //! # What the server's TCP accepts (Linux 6.x, RFC 793/5961)
 //!
@@ -73,9 +75,9 @@ use spamdelay_common::{
 use crate::{
     greeting::{Scan, scan_greeting},
     maps::{
-        ALLOW_V4, ALLOW_V6, EVENTS, FLOWS, FragKey, HALF_OPEN, PASSERS, PIPE_V4, PIPE_V6, PROBES,
-        SYN_DATA, TCP_TAILS, TINY_FIRSTS, TailPart, TinyFirst, count, pass_ttl_ns,
-        pipeconnect_mode,
+        ALLOW_V4, ALLOW_V6, BRIDGE, EVENTS, FLOWS, FragKey, HALF_OPEN, PASSERS, PIPE_V4, PIPE_V6,
+        PROBES, SYN_DATA, TCP_TAILS, TINY_FIRSTS, TailPart, TinyFirst, bridge_ns, count,
+        pass_ttl_ns, pipeconnect_mode,
     },
     parse::{Part, Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpTail, payload_bytes},
     trace::{GiveUp, given_up},
@@ -205,31 +207,77 @@ fn allowlisted(key: &FlowKey) -> bool {
     }
 }
 
+/// What ingress does with a client's packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Let it through (and every program after this one run).
+    Pass,
+    /// Drop it: a new SYN from an early talker under the bridge block.
+    Drop,
+}
+
 /// A segment arriving from the client (tc ingress).
 #[inline(always)]
-pub fn from_client(ctx: &TcContext, seg: &Segment) {
+pub fn from_client(ctx: &TcContext, seg: &Segment) -> Fate {
     count(Stat::Packets);
     let key = key(&seg.src, &seg.dst, seg.sport, seg.dport, seg.family);
     if seg.has(TCP_SYN) {
+        if !seg.has(TCP_ACK) && bridged(&key) {
+            count(Stat::BridgeBlocked);
+            return Fate::Drop;
+        }
         // A SYN opening a connection may carry Fast Open data; on a known
         // connection any SYN draws a challenge ACK and is dropped.
         if !seg.has(TCP_ACK) && seg.payload_len > 0 && seg.part == Part::Whole {
             syn_with_data(ctx, &key, seg);
         }
-        return;
+        return Fate::Pass;
     }
     if let Some(flow) = FLOWS.get_ptr_mut(&key) {
         established(ctx, &key, unsafe { &mut *flow }, seg);
-        return;
+        return Fate::Pass;
     }
     if let Some(half) = HALF_OPEN.get_ptr(&key) {
         let half = unsafe { *half };
         handshake(ctx, &key, &half, seg);
-        return;
+        return Fate::Pass;
     }
     if seg.payload_len > 0 || seg.fragment() {
         count(Stat::UnverifiedPayload);
     }
+    Fate::Pass
+}
+
+/// The bridge block: is this client an early talker flagged here less than
+/// the bridge time ago? Its new connections are refused in the kernel from
+/// the verdict on, so none reaches the MTA while the daemon's nft ban is on
+/// its way. Only new SYNs are dropped: no handshake, no flow, nothing
+/// judged, so the acceptance rules above never see a dropped packet.
+#[inline(always)]
+fn bridged(key: &FlowKey) -> bool {
+    if bridge_ns() == 0 {
+        return false;
+    }
+    let addr = client_addr(key);
+    let Some(until) = (unsafe { BRIDGE.get(&addr) }).copied() else {
+        return false;
+    };
+    if unsafe { bpf_ktime_get_boot_ns() } < until {
+        return true;
+    }
+    let _ = BRIDGE.remove(&addr);
+    false
+}
+
+/// An early talker was flagged: bridge until its ban is in place.
+#[inline(always)]
+fn bridge(key: &FlowKey) {
+    let time = bridge_ns();
+    if time == 0 {
+        return;
+    }
+    let until = unsafe { bpf_ktime_get_boot_ns() }.wrapping_add(time);
+    let _ = BRIDGE.insert(&client_addr(key), &until, 0);
 }
 
 /// Keeps a data-carrying SYN's first bytes until its SYN-ACK says whether
@@ -539,7 +587,10 @@ fn judge_talk(ctx: &TcContext, key: &FlowKey, flow: &mut Flow, talk: &Talk) {
             // and a real sender must not be banned for using it.
             remember_pass(key);
         }
-        None => emit(ctx, key, flow, Verdict::EarlyTalk, Some(talk), 0),
+        None => {
+            emit(ctx, key, flow, Verdict::EarlyTalk, Some(talk), 0);
+            bridge(key);
+        }
     }
     flow.state = STATE_DONE;
 }

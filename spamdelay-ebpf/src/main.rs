@@ -10,16 +10,27 @@ mod maps;
 mod parse;
 mod trace;
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
+    programs::TcContext,
+};
+use flow::Fate;
 use parse::{Dir, Packet};
 
-/// Client to server. Only watches: `TC_ACT_UNSPEC` (TCX_NEXT) lets every
-/// program after it run, the next TCX link and legacy clsact filters alike;
-/// any other code would end the chain for them. Enforcement is nftables' job.
+/// Client to server. Watches: `TC_ACT_UNSPEC` (TCX_NEXT) lets every program
+/// after it run, the next TCX link and legacy clsact filters alike; any
+/// other code would end the chain for them. Enforcement is nftables' job,
+/// with one exception: the bridge block drops (`TC_ACT_SHOT`) a flagged
+/// early talker's new SYNs until its ban is in place (`--bridge-time`).
 #[classifier]
 pub fn spamdelay_ingress(ctx: TcContext) -> i32 {
     match parse::packet(&ctx, Dir::FromClient) {
-        Some(Packet::Segment(seg)) => flow::from_client(&ctx, &seg),
+        Some(Packet::Segment(seg)) => {
+            if flow::from_client(&ctx, &seg) == Fate::Drop {
+                return TC_ACT_SHOT;
+            }
+        }
         Some(Packet::Tail(tail)) => flow::tcp_tail(&ctx, &tail),
         None => {}
     }

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use spamdelay_common::{
     ClientAddr, Flow, FlowKey, MAX_PORTS, Stat,
-    flow::{HalfOpen, PASSERS_MAX, PROBES_MAX, ProbeKey, SynData},
+    flow::{BRIDGE_MAX, HalfOpen, PASSERS_MAX, PROBES_MAX, ProbeKey, SynData},
     stats::STAT_COUNT,
 };
 
@@ -23,6 +23,16 @@ pub static PIPECONNECT: u8 = 0;
 /// How long a pass counts for PIPECONNECT (`--pass-ttl`), in ns.
 #[unsafe(no_mangle)]
 pub static PASS_TTL_NS: u64 = 86_400_000_000_000;
+
+/// How long a flagged early talker's new SYNs are dropped here (the bridge
+/// block, `--bridge-time`), in ns; 0 = off (always in a dry run).
+#[unsafe(no_mangle)]
+pub static BRIDGE_NS: u64 = 0;
+
+#[inline(always)]
+pub fn bridge_ns() -> u64 {
+    unsafe { core::ptr::read_volatile(&BRIDGE_NS) }
+}
 
 #[inline(always)]
 pub fn pipeconnect_mode() -> u8 {
@@ -51,6 +61,12 @@ pub static SYN_DATA: LruHashMap<FlowKey, SynData> = LruHashMap::with_max_entries
 /// their pass expires. Fed by PASS verdicts here, restored by the daemon.
 #[map]
 pub static PASSERS: LruHashMap<ClientAddr, u64> = LruHashMap::with_max_entries(PASSERS_MAX, 0);
+
+/// Early talkers flagged here: the CLOCK_BOOTTIME ns until which their new
+/// SYNs are dropped, bridging the moment until their nft ban is in place.
+/// Fed by EARLY-TALK verdicts; `spamdelay unban` deletes entries.
+#[map]
+pub static BRIDGE: LruHashMap<ClientAddr, u64> = LruHashMap::with_max_entries(BRIDGE_MAX, 0);
 
 /// Benign probes (value unused): early talk that is exactly one of these is
 /// a PROBE, never an offence.

@@ -11,6 +11,7 @@ use crate::{
     allow::Cidr,
     bans::{self, Ban, Store},
     enforcer::show,
+    loader::BridgeMap,
     metrics::Status,
     nft::{self, Change},
 };
@@ -123,8 +124,13 @@ pub async fn ban(store: &Store, cidr: Cidr, time: Duration, reason: &str) -> Res
     Ok(())
 }
 
-pub async fn unban(store: &Store, cidr: Cidr) -> Result<()> {
+pub async fn unban(store: &Store, dir: &Path, cidr: Cidr) -> Result<()> {
     crate::privilege::check_nft()?;
+    // The bridge lasts seconds: failing to lift it must not keep the ban.
+    let unbridged = unbridge(dir, &cidr).unwrap_or_else(|e| {
+        log::warn!("{e:#}");
+        Vec::new()
+    });
     let (mut locked, _) = store.lock()?;
     let now = bans::now();
     let lifted: Vec<Cidr> = locked
@@ -148,6 +154,10 @@ pub async fn unban(store: &Store, cidr: Cidr) -> Result<()> {
         })
         .collect();
     if lifted.is_empty() && changes.is_empty() {
+        if !unbridged.is_empty() {
+            println!("unbanned {}", names_of(&unbridged));
+            return Ok(());
+        }
         bail!(
             "{} is not banned: `spamdelay list` shows the bans",
             show(&cidr)
@@ -167,6 +177,55 @@ pub async fn unban(store: &Store, cidr: Cidr) -> Result<()> {
         lifted.iter().map(show).collect()
     };
     println!("unbanned {}", names.join(", "));
+    Ok(())
+}
+
+/// Lifts the running daemon's bridge block (the kernel's own short drop of
+/// a fresh early talker's SYNs) for every client inside `cidr`; the daemon
+/// names its map in the status file. Returns what was lifted.
+fn unbridge(dir: &Path, cidr: &Cidr) -> Result<Vec<std::net::IpAddr>> {
+    let Some(status) = Status::read(dir)? else {
+        return Ok(Vec::new());
+    };
+    // A daemon that pinned its state left the bridge working when it went.
+    let which = match (&status.bridge_map_id, &status.pin_dir) {
+        (Some(id), _) if status.alive() => BridgeMap::Id(*id),
+        (_, Some(dir)) if dir.join(crate::loader::BRIDGE).exists() => BridgeMap::Pinned(dir),
+        _ => return Ok(Vec::new()),
+    };
+    crate::loader::unbridge(which, cidr)
+        .with_context(|| format!("lifting the bridge block of {}", show(cidr)))
+}
+
+fn names_of(ips: &[std::net::IpAddr]) -> String {
+    let names: Vec<String> = ips.iter().map(|ip| show(&Cidr::host(*ip))).collect();
+    names.join(", ")
+}
+
+/// `spamdelay detach`: what a daemon run with `--pin-dir` left attached.
+pub fn detach(state_dir: &Path, dir: &Path) -> Result<()> {
+    // The running daemon's links live in the pins alone: it would go on
+    // without watching anything.
+    if let Some(d) = Status::read(state_dir)?
+        && d.alive()
+        && d.pin_dir.as_deref() == Some(dir)
+    {
+        bail!(
+            "the daemon (pid {}) is running on {}: stop it first",
+            d.pid,
+            dir.display()
+        );
+    }
+    let removed = crate::loader::detach(dir)?;
+    if removed.is_empty() {
+        println!("nothing pinned in {}", dir.display());
+    } else {
+        println!(
+            "detached: removed {} from {}",
+            removed.join(" "),
+            dir.display()
+        );
+    }
     Ok(())
 }
 

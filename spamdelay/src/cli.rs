@@ -69,7 +69,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Detach the programs a daemon left attached (pinned in its
+    /// `--pin-dir`) and remove their pins, for good.
+    Detach {
+        /// The daemon's `--pin-dir`.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
+
+/// Where `--pin-dir` usually points (systemd mounts the BPF filesystem there).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/spamdelay";
 
 /// `90s`, `15m`, `1h`, `7d`, `1h 30m`.
 pub fn duration(s: &str) -> Result<Duration, String> {
@@ -82,6 +92,12 @@ pub fn duration(s: &str) -> Result<Duration, String> {
                 Ok(d)
             }
         })
+}
+
+/// A duration that may be `0` (off): `--bridge-time`.
+pub fn duration_or_off(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("bad duration '{s}' ({e}): use e.g. 10s, 1m, or 0 for off"))
 }
 
 /// `--greet-pause`: read from the MTA, or given.
@@ -122,6 +138,23 @@ pub struct RunArgs {
     /// Detect and log (`would ban`) only; never touch nftables.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// From an early talk on, drop the talker's new SYNs in the kernel for
+    /// this long, bridging the moment until its nftables ban is in place
+    /// (`0`: off; always off in a dry run).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration_or_off)]
+    pub bridge_time: Duration,
+
+    /// Pin the TCX links and the kernel state here (on a BPF filesystem;
+    /// one is mounted on /sys/fs/bpf when missing): the programs stay
+    /// attached when the daemon exits or dies, verdicts wait for the next
+    /// `run`, which adopts them; `spamdelay detach` removes them.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+
+    /// Pin nothing: the programs are detached when the daemon exits.
+    #[arg(long)]
+    pub no_pin: bool,
 
     /// Ban time for a first offence.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
@@ -199,4 +232,54 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 65536,
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_flows: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let argv = ["spamdelay", "run", "--iface", "eth0"]
+            .iter()
+            .chain(extra)
+            .copied();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(args) => *args,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bridge_time_defaults_to_ten_seconds_and_zero_is_off() {
+        assert_eq!(run_args(&[]).bridge_time, Duration::from_secs(10));
+        assert_eq!(
+            run_args(&["--bridge-time", "0"]).bridge_time,
+            Duration::ZERO
+        );
+        assert_eq!(
+            run_args(&["--bridge-time", "2m"]).bridge_time,
+            Duration::from_secs(120)
+        );
+        let config = crate::config::to_args("bridge-time = \"30s\"").unwrap();
+        assert_eq!(config, ["--bridge-time", "30s"]);
+        assert!(
+            Cli::try_parse_from(["spamdelay", "run", "--iface", "e", "--bridge-time", "x"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn state_is_pinned_by_default_and_no_pin_turns_it_off() {
+        let args = run_args(&[]);
+        assert_eq!(args.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert!(!args.no_pin);
+        assert!(run_args(&["--no-pin"]).no_pin);
+        match Cli::try_parse_from(["spamdelay", "detach"])
+            .unwrap()
+            .command
+        {
+            Command::Detach { pin_dir } => assert_eq!(pin_dir, PathBuf::from(DEFAULT_PIN_DIR)),
+            other => panic!("not detach: {other:?}"),
+        }
+    }
 }

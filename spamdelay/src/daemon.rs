@@ -27,11 +27,19 @@ use crate::{
 };
 
 pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
+    // First: a SIGTERM that comes while the daemon starts (right after its
+    // `watching` line, say) is kept for the serve loop, not fatal.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     loader::check_ports(&args.ports)?;
     for iface in &args.ifaces {
         loader::check_interface(iface)?;
     }
     privilege::check_run()?;
+    // The status file and the pass history are written from the first
+    // second, in a dry run too.
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
     let allowlist = allow::effective(&args.allow).context("listing this host's addresses")?;
     let store = Store::new(&state_dir);
 
@@ -66,13 +74,23 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         .as_ref()
         .map_or(mta::Pipeconnect::Off, |m| m.pipeconnect.clone());
     let probes = probes::effective(&args.benign_probes, args.no_default_probes);
+    let pin_dir = (!args.no_pin).then(|| args.pin_dir.clone());
+    // A dry run never drops: nothing may refuse a client it only reports.
+    let bridge_time = if args.dry_run {
+        Duration::ZERO
+    } else {
+        args.bridge_time
+    };
     let mut ebpf = loader::load(&loader::KernelConfig {
         ports: args.ports.clone(),
         max_flows: args.max_flows,
         pipeconnect: pipeconnect.clone(),
         pass_ttl: args.pass_ttl,
         probes: probes.iter().map(|p| p.bytes().to_vec()).collect(),
+        bridge_time,
+        pin_dir: pin_dir.clone(),
     })?;
+    let bridge_map_id = loader::bridge_map_id(&ebpf)?;
     loader::fill_allowlist(&mut ebpf, &allowlist)?;
     let pass_cache = PassCache::open(
         args.pass_cache.clone().map(|path| PassFile {
@@ -101,7 +119,7 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     };
     let stats = Arc::new(loader::take_stats(&mut ebpf)?);
 
-    let enforcer = Enforcer {
+    let mut enforcer = Enforcer {
         store: store.clone(),
         policy: Policy {
             ban_time: args.ban_time,
@@ -121,6 +139,7 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         saved_at: None,
         unsaved: false,
         pass_cache,
+        applier: Default::default(),
     };
     enforcer.start().await?;
     if let Some(f) = &enforcer.pass_cache.file {
@@ -132,9 +151,29 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         );
     }
 
+    if let Some(dir) = &pin_dir {
+        loader::prune_links(dir, &args.ifaces)?;
+    }
     let mut attached = Vec::new();
     for iface in &args.ifaces {
-        let mode = loader::attach(&mut ebpf, iface)?;
+        let mode = match &pin_dir {
+            Some(dir) => match loader::attach_pinned(&mut ebpf, iface, dir) {
+                Ok(adopted) => {
+                    if adopted {
+                        info!(
+                            "{iface}: adopted the programs pinned in {} (replaced atomically)",
+                            dir.display()
+                        );
+                    }
+                    loader::AttachMode::Tcx
+                }
+                Err(e) => {
+                    warn!("{e:#}: attaching {iface} unpinned, detached when spamdelay exits");
+                    loader::attach(&mut ebpf, iface)?
+                }
+            },
+            None => loader::attach(&mut ebpf, iface)?,
+        };
         attached.push(Attachment {
             iface: iface.clone(),
             mode: mode.to_string(),
@@ -165,6 +204,16 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
             store.path().display()
         );
     }
+    if args.dry_run {
+        info!("bridge block off (dry run)");
+    } else if bridge_time.is_zero() {
+        info!("bridge block off (--bridge-time 0)");
+    } else {
+        info!(
+            "bridge block: an early talker's new connections are dropped in the kernel for {} from its verdict",
+            humantime::format_duration(bridge_time)
+        );
+    }
 
     let mut status = Status {
         pid: std::process::id(),
@@ -175,6 +224,8 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         ports: args.ports.clone(),
         dry_run: args.dry_run,
         counters: Default::default(),
+        bridge_map_id: Some(bridge_map_id),
+        pin_dir: pin_dir.clone(),
     };
     let (tx, rx) = mpsc::channel(65536);
     let mut reader = tokio::spawn(read_events(ring, tx));
@@ -185,8 +236,6 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         state_dir.clone(),
     ));
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     // Serve until a signal, or until a task ends: none may end on its own,
     // and a daemon that no longer reads or bans must not look alive. It
     // exits non-zero with the reason, so a supervisor restarts it.
@@ -228,8 +277,14 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     if let Err(e) = status.write(&state_dir) {
         warn!("writing the final status: {e:#}");
     }
-    // Dropping the object detaches every program.
+    // Dropping the object detaches every program, but pinned links stay.
     drop(ebpf);
+    if let Some(dir) = &pin_dir {
+        info!(
+            "detection stays attached (pinned in {}): the next run adopts it, `spamdelay detach` removes it",
+            dir.display()
+        );
+    }
     match failure {
         Some(why) => Err(anyhow::anyhow!(why)),
         None => Ok(()),

@@ -14,6 +14,7 @@ use crate::{
     allow::Cidr,
     bans::{self, Register, Store, TableSettings},
     events::Report,
+    netlink::{NetlinkSets, Refusal},
     nft::{self, Change, NftError},
     passcache::PassCache,
     policy::{Offence, Policy},
@@ -34,6 +35,8 @@ pub struct Enforcer {
     /// When the register was last written, and whether bans since are not.
     pub saved_at: Option<std::time::Instant>,
     pub unsaved: bool,
+    /// Where element changes go.
+    pub applier: Applier,
 }
 
 /// A register this big is written at most every `SAVE_EVERY` (each write is
@@ -58,7 +61,7 @@ fn human(d: Duration) -> String {
 impl Enforcer {
     /// Sets up the table and restores the register's live bans. Nothing at
     /// all is done to nftables in a dry run.
-    pub async fn start(&self) -> Result<()> {
+    pub async fn start(&mut self) -> Result<()> {
         if self.dry_run {
             return Ok(());
         }
@@ -79,7 +82,7 @@ impl Enforcer {
     }
 
     /// (Re)creates the table and loads the live bans into it.
-    async fn rebuild(&self, live: Vec<Change>) -> Result<usize> {
+    async fn rebuild(&mut self, live: Vec<Change>) -> Result<usize> {
         let t = &self.table;
         if let Err(e) = t.ensure().await {
             if matches!(e, NftError::Missing | NftError::Permission) {
@@ -93,7 +96,7 @@ impl Enforcer {
                 .context("deleting the old table inet spamdelay")?;
             t.ensure().await.context("creating table inet spamdelay")?;
         }
-        Ok(apply_resilient(&live).await.len())
+        Ok(self.applier.apply(&live).await.len())
     }
 
     /// Runs until the report channel closes.
@@ -201,7 +204,7 @@ impl Enforcer {
                 comment: nft::comment(&ban.reason),
             })
             .collect();
-        let applied = apply_resilient(&changes).await;
+        let applied = self.applier.apply(&changes).await;
         for (cidr, ban) in planned {
             if applied.contains(&cidr) {
                 locked.register.bans.insert(cidr, ban);
@@ -233,7 +236,7 @@ impl Enforcer {
     }
 
     /// Rebuilds the table if someone removed it.
-    async fn heal(&self) -> Result<()> {
+    async fn heal(&mut self) -> Result<()> {
         if nft::table_exists().await? {
             return Ok(());
         }
@@ -275,9 +278,106 @@ fn collect_batch(first: Report, reports: &mut mpsc::Receiver<Report>) -> Vec<Rep
     batch
 }
 
+/// Where element changes go: addresses into the hash sets over netlink, in
+/// process (no `nft` run per ban), networks into the interval sets through
+/// `nft -j`. A full set is reported once a minute, not once per address.
+#[derive(Default)]
+pub struct Applier {
+    /// Opened on first use, dropped (and reopened) after a transport error.
+    netlink: Option<NetlinkSets>,
+    full_warned: Option<std::time::Instant>,
+    /// Bans refused because their set was full, since the last warning.
+    full_since_warning: u64,
+}
+
+/// How often a full set is warned about.
+const FULL_WARN_EVERY: Duration = Duration::from_secs(60);
+
+impl Applier {
+    /// Applies `changes`; returns the networks of those that took.
+    pub async fn apply(&mut self, changes: &[Change]) -> Vec<Cidr> {
+        if changes.is_empty() {
+            return Vec::new();
+        }
+        let (mut took, rest) = match self.over_netlink(changes).await {
+            Ok(split) => split,
+            Err(e) => {
+                warn!(
+                    "netlink: {e}: applying {} changes through nft",
+                    changes.len()
+                );
+                (Vec::new(), changes.to_vec())
+            }
+        };
+        took.extend(apply_resilient(&rest).await);
+        took
+    }
+
+    /// Sends `changes` over netlink; returns what took and what must go
+    /// through nft (interval sets).
+    async fn over_netlink(&mut self, changes: &[Change]) -> Result<(Vec<Cidr>, Vec<Change>)> {
+        let mut sets = match self.netlink.take() {
+            Some(s) => s,
+            None => NetlinkSets::open().context("opening a netfilter netlink socket")?,
+        };
+        let batch = changes.to_vec();
+        // The socket blocks: off the two runtime workers.
+        let (sets, result) = tokio::task::spawn_blocking(move || {
+            let r = sets.apply(&batch);
+            (sets, r)
+        })
+        .await
+        .context("the netlink task")?;
+        let applied = result?;
+        self.netlink = Some(sets);
+        let mut took = Vec::new();
+        let mut rest = Vec::new();
+        let mut full: Vec<&'static str> = Vec::new();
+        for (change, outcome) in changes.iter().zip(applied.outcomes()) {
+            match outcome {
+                Ok(()) => took.push(*change.cidr()),
+                Err(Refusal::IntervalSet { .. } | Refusal::Network { .. }) => {
+                    rest.push(change.clone())
+                }
+                Err(Refusal::Full { set }) => {
+                    if !full.contains(set) {
+                        full.push(set);
+                    }
+                }
+                Err(e) => error!("nf_tables refused {}: {e}", show(change.cidr())),
+            }
+        }
+        if !full.is_empty() {
+            self.full(&full, changes.len() - took.len() - rest.len());
+        }
+        Ok((took, rest))
+    }
+
+    /// One warning a minute for full sets, with how many bans they cost.
+    fn full(&mut self, sets: &[&'static str], refused: usize) {
+        self.full_since_warning += refused as u64;
+        if self
+            .full_warned
+            .is_some_and(|t| t.elapsed() < FULL_WARN_EVERY)
+        {
+            return;
+        }
+        warn!(
+            "set {} is full: {} bans refused since the last warning; the kernel's bridge still blocks new offenders for a while; raise --set-size",
+            sets.join(", "),
+            self.full_since_warning
+        );
+        self.full_warned = Some(std::time::Instant::now());
+        self.full_since_warning = 0;
+    }
+}
+
 /// Applies changes in one transaction; if nft refuses the whole, each change
 /// alone, so one bad element cannot cost the others. Returns what took.
 pub async fn apply_resilient(changes: &[Change]) -> Vec<Cidr> {
+    if changes.is_empty() {
+        return Vec::new();
+    }
     match nft::apply_changes(changes).await {
         Ok(()) => return changes.iter().map(|c| *c.cidr()).collect(),
         Err(e) if changes.len() == 1 => {

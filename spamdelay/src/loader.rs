@@ -1,7 +1,12 @@
 //! Loading the kernel object, attaching it to interfaces (TCX where the kernel
 //! has it, clsact otherwise) and filling its configuration and allowlist maps.
 
-use std::{fmt, net::IpAddr, path::Path, time::Duration};
+use std::{
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
@@ -11,8 +16,10 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, tc,
-        tc::{NlOptions, TcAttachOptions},
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc,
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions},
     },
 };
 use spamdelay_common::{
@@ -28,6 +35,8 @@ pub static OBJECT: &[u8] =
 
 pub const INGRESS: &str = "spamdelay_ingress";
 pub const EGRESS: &str = "spamdelay_egress";
+/// The bridge block's map.
+pub const BRIDGE: &str = "BRIDGE";
 
 /// How a program is hooked to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +69,11 @@ pub struct KernelConfig {
     pub pass_ttl: Duration,
     /// Benign probes: early talk that is exactly one of these is a PROBE.
     pub probes: Vec<Vec<u8>>,
+    /// How long an early talker's new SYNs are dropped in the kernel from
+    /// its verdict on (the bridge block); zero: never (a dry run).
+    pub bridge_time: Duration,
+    /// Where the kernel state is pinned (bpffs), to outlive the daemon.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for KernelConfig {
@@ -70,6 +84,8 @@ impl Default for KernelConfig {
             pipeconnect: Pipeconnect::Off,
             pass_ttl: Duration::from_secs(86400),
             probes: Vec::new(),
+            bridge_time: Duration::ZERO,
+            pin_dir: None,
         }
     }
 }
@@ -90,18 +106,44 @@ pub fn load(config: &KernelConfig) -> Result<Ebpf> {
         Pipeconnect::Hosts(_) => PIPECONNECT_LISTED,
     };
     let ttl_ns = u64::try_from(config.pass_ttl.as_nanos()).unwrap_or(u64::MAX);
-    let mut ebpf = EbpfLoader::new()
-        .override_global("PORTS", &slots, true)
-        .override_global("PIPECONNECT", &mode, true)
-        .override_global("PASS_TTL_NS", &ttl_ns, true)
-        .map_max_entries("FLOWS", max_flows)
-        .map_max_entries("HALF_OPEN", max_flows)
-        .load(OBJECT)
-        .map_err(|e| {
+    let bridge_ns = u64::try_from(config.bridge_time.as_nanos()).unwrap_or(u64::MAX);
+    let object = |pins: Option<&Path>| {
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("PORTS", &slots, true)
+            .override_global("BRIDGE_NS", &bridge_ns, true)
+            .override_global("PIPECONNECT", &mode, true)
+            .override_global("PASS_TTL_NS", &ttl_ns, true)
+            .map_max_entries("FLOWS", max_flows)
+            .map_max_entries("HALF_OPEN", max_flows);
+        if let Some(dir) = pins {
+            for name in STATE_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        loader.load(OBJECT).map_err(|e| {
             anyhow!(
                 "loading the eBPF object: {e}: spamdelay needs Linux >= 5.8 with BPF ring buffers"
             )
-        })?;
+        })
+    };
+    let mut ebpf = match &config.pin_dir {
+        Some(dir) => {
+            ensure_bpffs(dir)?;
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!(
+                    "creating the pin directory {} (bpffs refuses names with a dot)",
+                    dir.display()
+                )
+            })?;
+            // aya reuses a pinned map as it is: one whose definition changed
+            // (--max-flows, a new version) must go first. The maps of an
+            // unpinned load (programs not loaded yet) are the reference.
+            drop_stale_pins(&object(None)?, dir)?;
+            object(Some(dir))?
+        }
+        None => object(None)?,
+    };
     for name in [INGRESS, EGRESS] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -173,6 +215,301 @@ pub fn restore_passers(
         n += 1;
     }
     Ok(n)
+}
+
+/// The kernel id of the bridge block's map, for `spamdelay unban` (another
+/// process) to find it through the status file.
+pub fn bridge_map_id(ebpf: &Ebpf) -> Result<u32> {
+    let map = ebpf.map(BRIDGE).context("map BRIDGE missing")?;
+    let data: &MapData = match map {
+        aya::maps::Map::LruHashMap(m) => m,
+        _ => bail!("map BRIDGE is not an LRU hash"),
+    };
+    Ok(data.info()?.id())
+}
+
+/// The bridge block's map: the running daemon's (by kernel id), or the one
+/// pinned in a pin directory (which works while no daemon runs).
+pub enum BridgeMap<'a> {
+    Id(u32),
+    Pinned(&'a Path),
+}
+
+/// Lifts the bridge block of every client inside `cidr`; returns the
+/// addresses lifted.
+pub fn unbridge(which: BridgeMap<'_>, cidr: &Cidr) -> Result<Vec<IpAddr>> {
+    let data = match which {
+        BridgeMap::Id(id) => {
+            MapData::from_id(id).with_context(|| format!("opening map id {id}"))?
+        }
+        BridgeMap::Pinned(dir) => {
+            let pin = dir.join(BRIDGE);
+            MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?
+        }
+    };
+    let name = data.info()?.name_as_str().map(str::to_owned);
+    if name.as_deref() != Some(BRIDGE) {
+        bail!("map {name:?} is not spamdelay's {BRIDGE}: the daemon is gone");
+    }
+    let mut map: HashMap<MapData, ClientAddr, u64> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+    let now = crate::clock::boot_ns();
+    let inside: Vec<(ClientAddr, IpAddr, u64)> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter_map(|(k, until)| Some((k, client_ip(&k)?, until)))
+        .filter(|(_, ip, _)| cidr.contains(ip))
+        .collect();
+    let mut lifted = Vec::new();
+    for (key, ip, until) in inside {
+        // Gone meanwhile (expired and deleted by the kernel): nothing to
+        // lift; expired ones go without a word.
+        if map.remove(&key).is_ok() && until > now {
+            lifted.push(ip);
+        }
+    }
+    Ok(lifted)
+}
+
+/// The address in a kernel client key.
+fn client_ip(key: &ClientAddr) -> Option<IpAddr> {
+    match key.family {
+        FAMILY_V4 => Some(IpAddr::from([
+            key.addr[0],
+            key.addr[1],
+            key.addr[2],
+            key.addr[3],
+        ])),
+        FAMILY_V6 => Some(IpAddr::from(key.addr)),
+        _ => None,
+    }
+}
+
+/// Kernel state pinned with `--pin-dir`, so that detection outlives the
+/// daemon: flows being followed, passes, the bridge block, the verdicts not
+/// yet read and the counters. Configuration maps (allowlist, probes,
+/// PIPECONNECT hosts) are not: each program gets its own, filled at start.
+pub const STATE_MAPS: [&str; 9] = [
+    "FLOWS",
+    "HALF_OPEN",
+    "SYN_DATA",
+    "PASSERS",
+    BRIDGE,
+    "TINY_FIRSTS",
+    "TCP_TAILS",
+    "EVENTS",
+    "STATS",
+];
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where systemd mounts the BPF filesystem.
+const BPFFS: &str = "/sys/fs/bpf";
+
+fn on_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes one struct through the pointer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// The pin directory must be on a BPF filesystem; under /sys/fs/bpf one is
+/// mounted there when missing, as systemd does.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(dir);
+    if on_bpffs(existing) {
+        return Ok(());
+    }
+    if dir.starts_with(BPFFS) && !on_bpffs(Path::new(BPFFS)) {
+        let bpf = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: valid C strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                bpf.as_ptr(),
+                target.as_ptr(),
+                bpf.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "mounting the BPF filesystem on {BPFFS}: {}: mount it (`mount -t bpf bpf {BPFFS}`) or give a --pin-dir on one",
+                std::io::Error::last_os_error()
+            );
+        }
+        log::info!("mounted the BPF filesystem on {BPFFS}");
+        return Ok(());
+    }
+    bail!(
+        "{} is not on a BPF filesystem: mount one (`mount -t bpf bpf DIR`) or give a --pin-dir under {BPFFS}",
+        dir.display()
+    )
+}
+
+/// The map behind a `Map`, for its definition.
+fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
+    use aya::maps::Map;
+    match map {
+        Map::LruHashMap(m) | Map::HashMap(m) | Map::RingBuf(m) | Map::PerCpuArray(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// Removes, with a warning, every pinned state map whose definition differs
+/// from `fresh`'s: it starts afresh.
+fn drop_stale_pins(fresh: &Ebpf, dir: &Path) -> Result<()> {
+    for name in STATE_MAPS {
+        let pin = dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let want = fresh
+            .map(name)
+            .and_then(map_data)
+            .with_context(|| format!("map {name} missing"))?
+            .info()?;
+        let same = aya::maps::MapInfo::from_pin(&pin).is_ok_and(|have| {
+            have.map_type().ok() == want.map_type().ok()
+                && have.key_size() == want.key_size()
+                && have.value_size() == want.value_size()
+                && have.max_entries() == want.max_entries()
+                && have.map_flags() == want.map_flags()
+        });
+        if !same {
+            log::warn!(
+                "pinned map {} no longer matches its definition (--max-flows, or a new version): it starts afresh",
+                pin.display()
+            );
+            std::fs::remove_file(&pin)
+                .with_context(|| format!("removing the stale pin {}", pin.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn link_pin(dir: &Path, iface: &str, hook: TcAttachType) -> PathBuf {
+    let tag = if hook == TcAttachType::Ingress {
+        "ingress"
+    } else {
+        "egress"
+    };
+    // bpffs refuses names with a dot (EPERM); interface names never hold a
+    // colon, so the mapping is one to one (`eth0.100` is `eth0:100`).
+    dir.join(format!("link-{}-{tag}", iface.replace('.', ":")))
+}
+
+/// Attaches ingress and egress programs to `iface` with TCX links pinned in
+/// `dir`, so they stay when the daemon exits. A link pinned by an earlier
+/// run is adopted: its program is replaced atomically (BPF_LINK_UPDATE), so
+/// not one packet goes unwatched. Returns whether it adopted.
+pub fn attach_pinned(ebpf: &mut Ebpf, iface: &str, dir: &Path) -> Result<bool> {
+    let mut adopted = false;
+    for (name, hook) in [
+        (INGRESS, TcAttachType::Ingress),
+        (EGRESS, TcAttachType::Egress),
+    ] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?
+            .try_into()?;
+        let pin = link_pin(dir, iface, hook);
+        if pin.exists() {
+            let replaced = PinnedLink::from_pin(&pin)
+                .map_err(anyhow::Error::from)
+                .and_then(|p| Ok(SchedClassifierLink::try_from(FdLink::from(p))?))
+                .and_then(|link| Ok(prog.attach_to_link(link)?));
+            match replaced {
+                Ok(id) => {
+                    // The pin holds the link; this fd may go.
+                    drop(prog.take_link(id)?);
+                    adopted = true;
+                    continue;
+                }
+                Err(e) => {
+                    // Its interface went away (and came back): a new link.
+                    log::warn!(
+                        "pinned link {} could not be adopted ({}): attaching afresh",
+                        pin.display(),
+                        describe(e.as_ref())
+                    );
+                    std::fs::remove_file(&pin)
+                        .with_context(|| format!("removing {}", pin.display()))?;
+                }
+            }
+        }
+        let id = prog
+            .attach_with_options(iface, hook, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|e| {
+                anyhow!(
+                    "attaching {name} to {iface} with a TCX link: {}: pinning needs TCX (Linux >= 6.6)",
+                    describe(&e)
+                )
+            })?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        link.pin(&pin)
+            .with_context(|| format!("pinning the link at {}", pin.display()))?;
+    }
+    Ok(adopted)
+}
+
+/// Detaches, for good, the pinned links of interfaces no longer watched.
+pub fn prune_links(dir: &Path, ifaces: &[String]) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let keep: Vec<PathBuf> = ifaces
+        .iter()
+        .flat_map(|i| {
+            [
+                link_pin(dir, i, TcAttachType::Ingress),
+                link_pin(dir, i, TcAttachType::Egress),
+            ]
+        })
+        .collect();
+    for entry in entries {
+        let path = entry?.path();
+        let is_link = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("link-"));
+        if is_link && !keep.contains(&path) {
+            log::info!("detaching {} (interface no longer watched)", path.display());
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `spamdelay detach`: unpins everything in `dir` (links first, which
+/// detaches the programs) and removes it. Returns what was removed.
+pub fn detach(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    // Links first: the programs stop before their maps go.
+    paths.sort_by_key(|p| {
+        !p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("link-"))
+    });
+    let mut removed = Vec::new();
+    for path in paths {
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        if let Some(n) = path.file_name().and_then(|n| n.to_str()) {
+            removed.push(n.to_string());
+        }
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(removed)
 }
 
 /// Between one and `MAX_PORTS` ports.

@@ -34,8 +34,9 @@ fn main() -> ExitCode {
                     Command::Ban { cidr, time, reason } => {
                         admin::ban(&store, cidr, time, &reason).await
                     }
-                    Command::Unban { cidr } => admin::unban(&store, cidr).await,
+                    Command::Unban { cidr } => admin::unban(&store, &cli.state_dir, cidr).await,
                     Command::Status { json } => admin::status(&store, &cli.state_dir, json).await,
+                    Command::Detach { pin_dir } => admin::detach(&cli.state_dir, &pin_dir),
                 }
             })
         });

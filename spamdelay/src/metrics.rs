@@ -48,6 +48,12 @@ pub struct Status {
     pub ports: Vec<u16>,
     pub dry_run: bool,
     pub counters: BTreeMap<String, u64>,
+    /// The kernel id of the bridge block's map, for `spamdelay unban`.
+    #[serde(default)]
+    pub bridge_map_id: Option<u32>,
+    /// Where the kernel state is pinned (`run --pin-dir`), if it is.
+    #[serde(default)]
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Status {

@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, ExitStatus, Stdio},
     sync::Arc,
     thread,
@@ -26,6 +26,61 @@ pub fn binary() -> PathBuf {
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/spamdelay")
         })
+}
+
+/// The tests' own BPF filesystem, in the host's mount namespace. `ip netns
+/// exec` gives every daemon a fresh /sys, so a bpffs the daemon mounted on
+/// /sys/fs/bpf there would die with it; pins here outlive a daemon, as
+/// /sys/fs/bpf's do on a real host.
+pub const PIN_ROOT: &str = "/run/spamdelay-tests-bpf";
+
+/// Mounts the tests' BPF filesystem on `PIN_ROOT` unless it is there.
+pub fn pin_root() -> Result<PathBuf> {
+    let root = PathBuf::from(PIN_ROOT);
+    std::fs::create_dir_all(&root).context("creating the pin root")?;
+    let fs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T", PIN_ROOT])
+        .output()
+        .context("stat -f")?;
+    if String::from_utf8_lossy(&fs.stdout).trim() != "bpf_fs" {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", PIN_ROOT])
+            .status()
+            .context("mount -t bpf")?;
+        if !ok.success() {
+            bail!("mounting a BPF filesystem on {PIN_ROOT}");
+        }
+    }
+    Ok(root)
+}
+
+/// The `--pin-dir` of the daemons that share the state directory `state`
+/// (a restart adopts what the one before left).
+pub fn pin_dir_for(state: &Path) -> PathBuf {
+    // bpffs refuses names with a dot: `.tmpXXXX` pins as `tmpXXXX`.
+    let name = state
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("state");
+    Path::new(PIN_ROOT).join(name.trim_start_matches('.'))
+}
+
+/// Detaches what daemons of finished tests left pinned (a test that panicked,
+/// or kept a clone of the state to the end): their state directory is gone.
+fn collect_stale_pins(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    let tmp = std::env::temp_dir();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| n.starts_with("tmp")) else {
+            continue;
+        };
+        if !tmp.join(format!(".{name}")).exists() {
+            let _ = spamdelay::loader::detach(&entry.path());
+        }
+    }
 }
 
 pub struct Daemon {
@@ -64,12 +119,21 @@ impl Daemon {
         state: Arc<tempfile::TempDir>,
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        let root = pin_root()?;
+        collect_stale_pins(&root);
         let mut child = ns
             .command(binary())
             .envs(env.iter().copied())
             .arg("--state-dir")
             .arg(state.path())
             .arg("run")
+            // The bridge block answers an offender's next connections for
+            // its first seconds in place of nft: tests of nft's enforcement
+            // would see drops where they look for resets. Off unless a test
+            // asks for it (tests/tests/bridge.rs); a later flag wins.
+            .args(["--bridge-time", "0"])
+            .arg("--pin-dir")
+            .arg(pin_dir_for(state.path()))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -178,6 +242,11 @@ impl Drop for Daemon {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        // The last daemon of its state: what it pinned goes too (as
+        // `spamdelay detach`). A test that keeps the state may restart it.
+        if Arc::strong_count(&self.state) == 1 {
+            let _ = spamdelay::loader::detach(&pin_dir_for(self.state.path()));
         }
     }
 }

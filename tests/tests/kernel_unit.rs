@@ -26,6 +26,8 @@ use spamdelay_tests::{
 /// What a program that only watches returns (TCX_NEXT): the next program
 /// in the chain still runs.
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
+/// What the bridge block returns for an early talker's new SYN.
+const TC_ACT_SHOT: u32 = 2;
 const SERVER_V4: &str = "192.0.2.25:25";
 const SERVER_V6: &str = "[2001:db8::25]:25";
 const EHLO: &[u8] = b"EHLO spam.example\r\n";
@@ -74,6 +76,14 @@ impl Kernel {
             .run(program, frame)
             .unwrap_or_else(|e| panic!("test run of {program} on {} bytes: {e:?}", frame.len()));
         assert_eq!(ret, TC_ACT_UNSPEC, "{program} must never drop");
+    }
+
+    /// Runs a frame the program must drop (TC_ACT_SHOT): the bridge block.
+    fn dropped(&self, program: &str, frame: &[u8]) {
+        let ret = self
+            .run(program, frame)
+            .unwrap_or_else(|e| panic!("test run of {program} on {} bytes: {e:?}", frame.len()));
+        assert_eq!(ret, TC_ACT_SHOT, "{program} must drop this frame");
     }
 
     fn client_sends(&self, seg: &Tcp) {
@@ -1462,4 +1472,158 @@ fn exact_benign_probe_is_probe_and_more_is_early_talk() {
         k.expect_early_talk(&conv, payload);
     }
     assert_eq!(k.stat(Stat::Probe), 2);
+}
+
+// The bridge block: from an EARLY-TALK verdict on, the talker's new SYNs
+// are dropped in the kernel for the bridge time, and nothing else is.
+
+fn load_bridge(bridge_time: std::time::Duration) -> Kernel {
+    Kernel::load_with(loader::KernelConfig {
+        bridge_time,
+        pipeconnect: Pipeconnect::All,
+        probes: vec![PROBE.to_vec()],
+        ..Default::default()
+    })
+}
+
+/// A new connection's SYN from `client`.
+fn syn(client: &str) -> Vec<u8> {
+    let conv = Conversation::v4(client);
+    Tcp::new(conv.client, conv.server)
+        .seq(conv.client_next.wrapping_sub(1))
+        .flags(SYN)
+        .frame()
+}
+
+/// `conv` talks before the greeting: EARLY-TALK.
+fn talks_early(k: &mut Kernel, conv: &Conversation) {
+    conv.handshake(k);
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(conv, EHLO);
+}
+
+#[test]
+fn an_early_talkers_next_syn_is_dropped_by_the_bridge() {
+    if !privileged("an_early_talkers_next_syn_is_dropped_by_the_bridge") {
+        return;
+    }
+    let mut k = load_bridge(std::time::Duration::from_secs(10));
+    let conv = Conversation::v4("198.51.100.100:40600");
+    // Before any offence its SYNs pass.
+    k.pass(INGRESS, &syn("198.51.100.100:40599"));
+    talks_early(&mut k, &conv);
+    k.dropped(INGRESS, &syn("198.51.100.100:40601"));
+    k.dropped(INGRESS, &syn("198.51.100.100:40602"));
+    assert_eq!(k.stat(Stat::BridgeBlocked), 2);
+    // Only new SYNs: the flagged flow's own segments still pass.
+    k.client_sends(&conv.client_data(EHLO.len() as u32, b"MAIL FROM:<>\r\n"));
+    k.client_sends(&conv.ack().flags(ACK | FIN).seq(conv.client_next + 100));
+    // Another client, and the server's answers, pass.
+    k.pass(INGRESS, &syn("198.51.100.101:40603"));
+    let other = Conversation::v4("198.51.100.101:40603");
+    k.server_sends(&other.syn_ack());
+    k.expect_none("nothing else is judged");
+    assert_eq!(k.stat(Stat::BridgeBlocked), 2);
+    // IPv6 alike.
+    let six = Conversation::v6("[2001:db8::100]:40604");
+    talks_early(&mut k, &six);
+    let next = Conversation::v6("[2001:db8::100]:40605");
+    k.dropped(
+        INGRESS,
+        &Tcp::new(next.client, next.server)
+            .seq(next.client_next.wrapping_sub(1))
+            .flags(SYN)
+            .frame(),
+    );
+    assert_eq!(k.stat(Stat::BridgeBlocked), 3);
+}
+
+#[test]
+fn without_a_bridge_time_nothing_is_dropped() {
+    if !privileged("without_a_bridge_time_nothing_is_dropped") {
+        return;
+    }
+    let mut k = load_bridge(std::time::Duration::ZERO);
+    talks_early(&mut k, &Conversation::v4("198.51.100.102:40610"));
+    k.pass(INGRESS, &syn("198.51.100.102:40611"));
+    assert_eq!(k.stat(Stat::BridgeBlocked), 0);
+}
+
+#[test]
+fn the_bridge_expires_after_the_bridge_time() {
+    if !privileged("the_bridge_expires_after_the_bridge_time") {
+        return;
+    }
+    let mut k = load_bridge(std::time::Duration::from_millis(300));
+    talks_early(&mut k, &Conversation::v4("198.51.100.103:40620"));
+    k.dropped(INGRESS, &syn("198.51.100.103:40621"));
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    k.pass(INGRESS, &syn("198.51.100.103:40622"));
+    k.pass(INGRESS, &syn("198.51.100.103:40623"));
+    assert_eq!(k.stat(Stat::BridgeBlocked), 1);
+}
+
+#[test]
+fn pipeconnect_probe_and_quit_never_bridge() {
+    if !privileged("pipeconnect_probe_and_quit_never_bridge") {
+        return;
+    }
+    let mut k = load_bridge(std::time::Duration::from_secs(10));
+    // PIPECONNECT: forgiven talk.
+    passes(&mut k, "198.51.100.104", 40630);
+    let pipe = Conversation::v4("198.51.100.104:40631");
+    pipe.handshake(&k);
+    k.client_sends(&pipe.client_data(0, OPENING));
+    k.expect(&pipe, Verdict::Pipeconnect);
+    k.pass(INGRESS, &syn("198.51.100.104:40632"));
+    // PROBE: Thunderbird's account setup, then its QUIT.
+    let probe = Conversation::v4("198.51.100.105:40633");
+    probe.handshake(&k);
+    k.client_sends(&probe.client_data(0, PROBE));
+    k.expect(&probe, Verdict::Probe);
+    k.pass(INGRESS, &syn("198.51.100.105:40634"));
+    // QUIT: a hang-up before the greeting.
+    let quit = Conversation::v4("198.51.100.106:40635");
+    quit.handshake(&k);
+    k.client_sends(&quit.ack().flags(ACK | FIN));
+    k.expect(&quit, Verdict::Quit);
+    k.pass(INGRESS, &syn("198.51.100.106:40636"));
+    assert_eq!(k.stat(Stat::BridgeBlocked), 0);
+}
+
+#[test]
+fn allowlisted_clients_are_never_bridged() {
+    if !privileged("allowlisted_clients_are_never_bridged") {
+        return;
+    }
+    let mut k = load_bridge(std::time::Duration::from_secs(10));
+    k.allow("198.51.100.107/32");
+    let conv = Conversation::v4("198.51.100.107:40640");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_none("an allowlisted client is never judged");
+    k.pass(INGRESS, &syn("198.51.100.107:40641"));
+    assert_eq!(k.stat(Stat::BridgeBlocked), 0);
+}
+
+#[test]
+fn the_bridge_entry_can_be_lifted_by_id() {
+    if !privileged("the_bridge_entry_can_be_lifted_by_id") {
+        return;
+    }
+    let mut k = load_bridge(std::time::Duration::from_secs(10));
+    talks_early(&mut k, &Conversation::v4("198.51.100.108:40650"));
+    talks_early(&mut k, &Conversation::v4("198.51.100.109:40651"));
+    let id = loader::bridge_map_id(&k.ebpf).expect("the bridge map's id");
+    let lifted = loader::unbridge(
+        loader::BridgeMap::Id(id),
+        &"198.51.100.108/32".parse().expect("a test CIDR"),
+    )
+    .expect("lifting the bridge");
+    assert_eq!(
+        lifted,
+        vec!["198.51.100.108".parse::<std::net::IpAddr>().unwrap()]
+    );
+    k.pass(INGRESS, &syn("198.51.100.108:40652"));
+    k.dropped(INGRESS, &syn("198.51.100.109:40653"));
 }

@@ -144,11 +144,8 @@ pub fn load(config: &KernelConfig) -> Result<Ebpf> {
         }
         None => object(None)?,
     };
-    for name in [INGRESS, EGRESS] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("the kernel object has no program {name}: rebuild it with `cargo xtask build-ebpf`"))?
-            .try_into()?;
+    for (name, _) in HOOKS {
+        let prog = classifier(&mut ebpf, name)?;
         prog.load()
             .map_err(|e| anyhow!("the kernel refused program {name}: {}", describe(&e)))?;
     }
@@ -402,20 +399,32 @@ fn link_pin(dir: &Path, iface: &str, hook: TcAttachType) -> PathBuf {
     dir.join(format!("link-{}-{tag}", iface.replace('.', ":")))
 }
 
+/// Each program and the hook it goes on.
+const HOOKS: [(&str, TcAttachType); 2] = [
+    (INGRESS, TcAttachType::Ingress),
+    (EGRESS, TcAttachType::Egress),
+];
+
+/// One of the object's classifiers by name.
+fn classifier<'e>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| {
+            anyhow!(
+                "the kernel object has no program {name}: rebuild it with `cargo xtask build-ebpf`"
+            )
+        })?
+        .try_into()?)
+}
+
 /// Attaches ingress and egress programs to `iface` with TCX links pinned in
 /// `dir`, so they stay when the daemon exits. A link pinned by an earlier
 /// run is adopted: its program is replaced atomically (BPF_LINK_UPDATE), so
 /// not one packet goes unwatched. Returns whether it adopted.
 pub fn attach_pinned(ebpf: &mut Ebpf, iface: &str, dir: &Path) -> Result<bool> {
     let mut adopted = false;
-    for (name, hook) in [
-        (INGRESS, TcAttachType::Ingress),
-        (EGRESS, TcAttachType::Egress),
-    ] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?
-            .try_into()?;
+    for (name, hook) in HOOKS {
+        let prog = classifier(ebpf, name)?;
         let pin = link_pin(dir, iface, hook);
         if pin.exists() {
             let replaced = PinnedLink::from_pin(&pin)
@@ -548,14 +557,8 @@ pub fn check_interface(iface: &str) -> Result<()> {
 /// Attaches ingress and egress programs to `iface`.
 pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode> {
     let mut mode = AttachMode::Tcx;
-    for (name, hook) in [
-        (INGRESS, TcAttachType::Ingress),
-        (EGRESS, TcAttachType::Egress),
-    ] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?
-            .try_into()?;
+    for (name, hook) in HOOKS {
+        let prog = classifier(ebpf, name)?;
         let tcx =
             prog.attach_with_options(iface, hook, TcAttachOptions::TcxOrder(LinkOrder::default()));
         if tcx.is_ok() {

@@ -181,8 +181,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Action::Reject)]
     pub action: Action,
 
-    /// Capacity of each nft set (IPv4, IPv6).
-    #[arg(long, value_name = "N", default_value_t = 65536,
+    /// Capacity of each nft set (IPv4, IPv6): the default holds a flood of
+    /// 100,000 distinct offenders and more (an element costs some 100 bytes
+    /// of kernel memory only while it exists).
+    #[arg(long, value_name = "N", default_value_t = 262_144,
           value_parser = clap::value_parser!(u32).range(1024..))]
     pub set_size: u32,
 

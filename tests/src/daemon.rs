@@ -254,6 +254,12 @@ impl Drop for Daemon {
 /// The value of counter `name` in the daemon's `stopping:` line.
 pub fn counter(lines: &[String], name: &str) -> Option<u64> {
     let line = lines.iter().rev().find(|l| l.starts_with("stopping:"))?;
+    counter_in(line, name)
+}
+
+/// The value of `name=N` in a line of counters (`stopping:`, or the
+/// `kernel:` line of `spamdelay status`).
+pub fn counter_in(line: &str, name: &str) -> Option<u64> {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
 }

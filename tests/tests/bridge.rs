@@ -9,7 +9,7 @@ use std::{
 };
 
 use spamdelay_tests::{
-    daemon::counter,
+    daemon::{counter, counter_in},
     lab::Lab,
     nft::element,
     privileged,
@@ -97,10 +97,7 @@ fn run_blind(s: &Scenario, i: u8, v6: bool) -> (SocketAddr, Reconnect) {
 fn kernel_counter(s: &Scenario, name: &str) -> Option<u64> {
     let (ok, out, err) = s.daemon.admin(&s.lab.server, &["status"]).expect("status");
     assert!(ok, "spamdelay status failed: {err}");
-    out.lines()
-        .find(|l| l.starts_with("kernel:"))?
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+    counter_in(out.lines().find(|l| l.starts_with("kernel:"))?, name)
 }
 
 #[test]

@@ -333,6 +333,7 @@ impl Applier {
         let mut took = Vec::new();
         let mut rest = Vec::new();
         let mut full: Vec<&'static str> = Vec::new();
+        let mut refused_full = 0;
         for (change, outcome) in changes.iter().zip(applied.outcomes()) {
             match outcome {
                 Ok(()) => took.push(*change.cidr()),
@@ -340,6 +341,7 @@ impl Applier {
                     rest.push(change.clone())
                 }
                 Err(Refusal::Full { set }) => {
+                    refused_full += 1;
                     if !full.contains(set) {
                         full.push(set);
                     }
@@ -348,7 +350,7 @@ impl Applier {
             }
         }
         if !full.is_empty() {
-            self.full(&full, changes.len() - took.len() - rest.len());
+            self.full(&full, refused_full);
         }
         Ok((took, rest))
     }

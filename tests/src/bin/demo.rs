@@ -74,7 +74,9 @@ fn main() -> Result<()> {
         }
         show(&daemon);
     }
-    println!("\nstopping the daemon (SIGTERM): it detaches and prints its counters");
+    println!(
+        "\nstopping the daemon (SIGTERM): it prints its counters; its pinned links keep watching until `spamdelay detach`"
+    );
     let (status, lines) = daemon.stop()?;
     for l in &lines[shown..] {
         println!("  spamdelay| {l}");

@@ -52,7 +52,9 @@ pub fn register(data: &[u8]) -> Option<Register> {
             }
             let _ = ban.time_left(now);
         }
-        let _ = register.table.set_for(cidr);
+        let _ = nft::set_for(cidr);
+        let inside = register.inside(cidr).count();
+        assert!(inside >= 1, "{cidr} is not inside itself");
         let comment = nft::comment(&ban.reason);
         assert!(
             comment.len() <= 120 && comment.bytes().all(|b| b == b' ' || b.is_ascii_graphic()),
@@ -60,7 +62,6 @@ pub fn register(data: &[u8]) -> Option<Register> {
         );
         assert!(!comment.contains('"'));
     }
-    let _ = register.table.v6_interval();
     let mut kept = register.clone();
     let now = register.bans.values().map(|b| b.expires).max().unwrap_or(0);
     kept.forget_expired(now);

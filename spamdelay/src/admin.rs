@@ -9,11 +9,12 @@ use serde::Serialize;
 
 use crate::{
     allow::Cidr,
-    bans::{self, Ban, Store},
-    enforcer::show,
+    banpath::{BanPath, Done, Term, Wanted, show},
+    bans::{self, Store},
     loader::BridgeMap,
     metrics::Status,
-    nft::{self, Change},
+    nft,
+    policy::Policy,
 };
 
 #[derive(Serialize)]
@@ -69,58 +70,38 @@ pub async fn ban(store: &Store, cidr: Cidr, time: Duration, reason: &str) -> Res
     crate::privilege::check_nft()?;
     let (mut locked, _) = store.lock()?;
     let now = bans::now();
-    if let Some((by, b)) = locked.register.covering(&cidr, now)
-        && *by != cidr
-        && b.expires >= now.saturating_add(time.as_secs())
-    {
-        bail!(
+    let mut path = BanPath::admin(&locked.register);
+    path.ensure_table().await?;
+    let wanted = Wanted {
+        cidr,
+        reason: format!("manual: {reason}"),
+        term: Term::Fixed(time),
+    };
+    let policy = Policy::manual(&locked.register.settings);
+    let done = path.ban(&mut locked, &policy, vec![wanted], now).await?;
+    match done.first() {
+        Some(Done::Banned { cidr, ban }) => println!(
+            "banned {} for {} (offence {})",
+            show(cidr),
+            human(time.as_secs()),
+            ban.offences
+        ),
+        Some(Done::Aggregated {
+            net, members, ban, ..
+        }) => println!(
+            "banned {} for {} instead: {members} addresses of it are banned (--ipv6-aggregate)",
+            show(net),
+            human(ban.expires.saturating_sub(now))
+        ),
+        Some(Done::Covered { by, .. }) => bail!(
             "{} is already banned as {} for longer: nothing to do",
             show(&cidr),
             show(by)
-        );
+        ),
+        Some(Done::Refused { .. }) | None => {
+            bail!("nftables refused the ban of {} (see above)", show(&cidr))
+        }
     }
-    // Narrower bans inside a new wider one give way to it (nft sets refuse
-    // overlapping intervals).
-    let inside: Vec<Cidr> = locked
-        .register
-        .active(now)
-        .map(|(c, _)| *c)
-        .filter(|c| *c != cidr && cidr.covers(c))
-        .collect();
-    let prior = locked.register.bans.get(&cidr).map_or(0, |b| b.offences);
-    let ban = Ban {
-        expires: now.saturating_add(time.as_secs()),
-        reason: nft::comment(&format!("manual: {reason}")),
-        // The register is a file: its count may be anything.
-        offences: prior.saturating_add(1),
-        remember_until: now.saturating_add(time.as_secs()),
-    };
-    let t = locked.register.table.clone();
-    t.ensure()
-        .await
-        .context("setting up table inet spamdelay")?;
-    let mut changes: Vec<Change> = inside
-        .iter()
-        .map(|c| Change::Delete {
-            cidr: *c,
-            set: t.set_for(c),
-        })
-        .collect();
-    changes.push(Change::Add {
-        set: t.set_for(&cidr),
-        cidr,
-        timeout_secs: time.as_secs(),
-        comment: ban.reason.clone(),
-    });
-    nft::apply_changes(&changes)
-        .await
-        .with_context(|| format!("banning {}", show(&cidr)))?;
-    for c in &inside {
-        locked.register.bans.remove(c);
-    }
-    locked.register.bans.insert(cidr, ban);
-    locked.save()?;
-    println!("banned {} for {}", show(&cidr), human(time.as_secs()));
     Ok(())
 }
 
@@ -133,50 +114,37 @@ pub async fn unban(store: &Store, dir: &Path, cidr: Cidr) -> Result<()> {
     });
     let (mut locked, _) = store.lock()?;
     let now = bans::now();
-    let lifted: Vec<Cidr> = locked
-        .register
-        .bans
-        .keys()
-        .copied()
-        .filter(|c| cidr.covers(c))
-        .collect();
-    // Delete only what nft still holds: deleting a missing element fails the
-    // whole transaction.
-    let in_nft = nft::list_elements()
-        .await
-        .context("listing table inet spamdelay")?;
-    let changes: Vec<Change> = in_nft
-        .iter()
-        .filter(|l| cidr.covers(&l.cidr))
-        .map(|l| Change::Delete {
-            cidr: l.cidr,
-            set: l.set,
-        })
-        .collect();
-    if lifted.is_empty() && changes.is_empty() {
-        if !unbridged.is_empty() {
-            println!("unbanned {}", names_of(&unbridged));
-            return Ok(());
-        }
-        bail!(
-            "{} is not banned: `spamdelay list` shows the bans",
-            show(&cidr)
-        );
-    }
-    nft::apply_changes(&changes)
+    let mut path = BanPath::admin(&locked.register);
+    let lifted = path
+        .unban(&mut locked, &cidr, now)
         .await
         .with_context(|| format!("unbanning {}", show(&cidr)))?;
-    for c in &lifted {
-        locked.register.bans.remove(c);
+    let mut names: Vec<String> = lifted.register.iter().map(show).collect();
+    for c in &lifted.elements {
+        if !lifted.register.contains(c) {
+            names.push(show(c));
+        }
     }
-    locked.register.forget_expired(now);
-    locked.save()?;
-    let names: Vec<String> = if lifted.is_empty() {
-        changes.iter().map(|c| show(c.cidr())).collect()
-    } else {
-        lifted.iter().map(show).collect()
-    };
-    println!("unbanned {}", names.join(", "));
+    if names.is_empty() {
+        names = unbridged.iter().map(|ip| show(&Cidr::host(*ip))).collect();
+    }
+    match (&lifted.still_covered_by, names.is_empty()) {
+        (Some(by), true) => bail!(
+            "{} is not banned itself but inside the ban of {}: unban that",
+            show(&cidr),
+            show(by)
+        ),
+        (None, true) => bail!(
+            "{} is not banned: `spamdelay list` shows the bans",
+            show(&cidr)
+        ),
+        (Some(by), false) => println!(
+            "unbanned {}; still banned as part of {}",
+            names.join(", "),
+            show(by)
+        ),
+        (None, false) => println!("unbanned {}", names.join(", ")),
+    }
     Ok(())
 }
 
@@ -195,11 +163,6 @@ fn unbridge(dir: &Path, cidr: &Cidr) -> Result<Vec<std::net::IpAddr>> {
     };
     crate::loader::unbridge(which, cidr)
         .with_context(|| format!("lifting the bridge block of {}", show(cidr)))
-}
-
-fn names_of(ips: &[std::net::IpAddr]) -> String {
-    let names: Vec<String> = ips.iter().map(|ip| show(&Cidr::host(*ip))).collect();
-    names.join(", ")
 }
 
 /// `spamdelay detach`: what a daemon run with `--pin-dir` left attached.
@@ -311,6 +274,14 @@ pub async fn status(store: &Store, dir: &Path, json: bool) -> Result<()> {
             d.counters.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         let line: Vec<String> = counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("kernel: {}", line.join(" "));
+        if !d.daemon_counters.is_empty() {
+            let own: Vec<String> = d
+                .daemon_counters
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            println!("bans made: {}", own.join(" "));
+        }
     }
     Ok(())
 }

@@ -73,6 +73,15 @@ impl Cidr {
         let net = IpNet::new(addr, prefix_len.min(max)).unwrap_or_else(|_| IpNet::from(addr));
         Cidr(net.trunc())
     }
+
+    /// Bounds, in `Cidr` order, of every network inside this one: a range
+    /// of a sorted map. (It also holds the wider networks that share this
+    /// one's first address: filter with `covers`.)
+    pub fn span(&self) -> std::ops::RangeInclusive<Cidr> {
+        let first = IpNet::new(self.0.network(), 0).unwrap_or(self.0);
+        let last = IpNet::new(self.0.broadcast(), self.0.max_prefix_len()).unwrap_or(self.0);
+        Cidr(first)..=Cidr(last)
+    }
 }
 
 impl serde::Serialize for Cidr {

@@ -58,31 +58,38 @@ pub struct TableSettings {
     pub ports: Vec<u16>,
     pub action: crate::nft::Action,
     pub set_size: u32,
-    /// `--ipv6-prefix`: below 128, early_talkers_v6 holds networks.
-    #[serde(default = "full_v6")]
-    pub ipv6_prefix: u8,
-}
-
-fn full_v6() -> u8 {
-    128
 }
 
 impl TableSettings {
-    /// Whether early_talkers_v6 needs `interval` (it holds /N networks).
-    pub fn v6_interval(&self) -> bool {
-        self.ipv6_prefix < 128
-    }
-
-    /// The set a ban of `cidr` goes to.
-    pub fn set_for(&self, cidr: &Cidr) -> &'static str {
-        crate::nft::set_for(cidr, self.v6_interval())
-    }
-
     /// Creates or updates the table for these settings.
     pub fn ensure(
         &self,
     ) -> impl std::future::Future<Output = Result<(), crate::nft::NftError>> + Send + 'static {
-        crate::nft::ensure_table(&self.ports, self.action, self.set_size, self.v6_interval())
+        crate::nft::ensure_table(&self.ports, self.action, self.set_size)
+    }
+}
+
+/// How the daemon counts offences, kept in the register so that the admin
+/// commands' bans count and aggregate as the daemon's do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanSettings {
+    /// `--remember`, in seconds.
+    pub remember_secs: u64,
+    /// `--ipv6-aggregate` (0: off).
+    pub ipv6_aggregate: u32,
+    /// The daemon's allowlist (its `--allow`, loopback, the host's own
+    /// addresses): no aggregate may cover any of it.
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+}
+
+impl Default for BanSettings {
+    fn default() -> Self {
+        BanSettings {
+            remember_secs: 7 * 86400,
+            ipv6_aggregate: 4,
+            allow: Vec::new(),
+        }
     }
 }
 
@@ -91,8 +98,7 @@ impl Default for TableSettings {
         TableSettings {
             ports: vec![25],
             action: crate::nft::Action::Reject,
-            set_size: 65536,
-            ipv6_prefix: 128,
+            set_size: 262_144,
         }
     }
 }
@@ -101,6 +107,8 @@ impl Default for TableSettings {
 pub struct Register {
     #[serde(default)]
     pub table: TableSettings,
+    #[serde(default)]
+    pub settings: BanSettings,
     /// Keyed by the CIDR (`198.51.100.7/32`, `2001:db8::/64`).
     #[serde(default)]
     pub bans: BTreeMap<Cidr, Ban>,
@@ -151,6 +159,13 @@ impl Register {
                     .get_key_value(&wider)
                     .filter(|(_, b)| b.active(now))
             })
+    }
+
+    /// Every entry (banned or remembered) inside `net`, itself included.
+    pub fn inside<'a>(&'a self, net: &'a Cidr) -> impl Iterator<Item = (&'a Cidr, &'a Ban)> + 'a {
+        self.bans
+            .range(net.span())
+            .filter(move |(c, _)| net.covers(c))
     }
 
     /// Drops entries neither banned nor remembered any more.

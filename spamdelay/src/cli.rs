@@ -172,10 +172,17 @@ pub struct RunArgs {
     #[arg(long)]
     pub ban_quitters: bool,
 
-    /// Ban this IPv6 prefix around an offender (128: the address alone; 64: its /64).
+    /// Ban this IPv6 prefix around an offender (128: the address alone; 64:
+    /// its /64, as cheap as an address; other lengths go to an interval
+    /// set, slower to add to as it grows).
     #[arg(long, value_name = "N", default_value_t = 128,
           value_parser = clap::value_parser!(u8).range(16..=128))]
     pub ipv6_prefix: u8,
+
+    /// Once this many addresses of one IPv6 /64 are banned, ban the /64
+    /// instead (an attacker who owns it cannot fill the set; 0: off).
+    #[arg(long, value_name = "K", default_value_t = 4)]
+    pub ipv6_aggregate: u32,
 
     /// What nftables does to a banned client's connection.
     #[arg(long, value_enum, default_value_t = Action::Reject)]
@@ -185,7 +192,7 @@ pub struct RunArgs {
     /// 100,000 distinct offenders and more (an element costs some 100 bytes
     /// of kernel memory only while it exists).
     #[arg(long, value_name = "N", default_value_t = 262_144,
-          value_parser = clap::value_parser!(u32).range(1024..))]
+          value_parser = clap::value_parser!(u32).range(16..))]
     pub set_size: u32,
 
     /// The MTA whose greet pause and PIPECONNECT setting spamdelay follows.

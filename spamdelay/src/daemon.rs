@@ -15,7 +15,8 @@ use tokio::{
 
 use crate::{
     allow,
-    bans::{self, Store, TableSettings},
+    banpath::{BanPath, Counters},
+    bans::{self, BanSettings, Store, TableSettings},
     cli::{PauseSetting, RunArgs},
     enforcer::Enforcer,
     events, loader,
@@ -119,30 +120,32 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     };
     let stats = Arc::new(loader::take_stats(&mut ebpf)?);
 
-    let mut enforcer = Enforcer {
-        store: store.clone(),
-        policy: Policy {
-            ban_time: args.ban_time,
-            max_ban_time: args.max_ban_time.max(args.ban_time),
-            ban_quitters: args.ban_quitters,
-            ipv6_prefix: args.ipv6_prefix,
-            remember: args.remember,
-            greet_pause,
-        },
-        table: TableSettings {
+    let counters = Arc::new(Counters::default());
+    let path = BanPath::daemon(
+        TableSettings {
             ports: args.ports.clone(),
             action: args.action,
             set_size: args.set_size,
-            ipv6_prefix: args.ipv6_prefix,
         },
-        dry_run: args.dry_run,
-        saved_at: None,
-        unsaved: false,
-        pass_cache,
-        applier: Default::default(),
+        BanSettings {
+            remember_secs: args.remember.as_secs(),
+            ipv6_aggregate: args.ipv6_aggregate,
+            allow: allowlist.clone(),
+        },
+        args.dry_run,
+        counters.clone(),
+    );
+    let policy = Policy {
+        ban_time: args.ban_time,
+        max_ban_time: args.max_ban_time.max(args.ban_time),
+        ban_quitters: args.ban_quitters,
+        ipv6_prefix: args.ipv6_prefix,
+        remember: args.remember,
+        greet_pause,
     };
+    let mut enforcer = Enforcer::new(store.clone(), policy, path, pass_cache, args.dry_run);
     enforcer.start().await?;
-    if let Some(f) = &enforcer.pass_cache.file {
+    if let Some(f) = &enforcer.pass_cache().file {
         info!(
             "pass cache {} ({:?}, passes kept {})",
             f.path.display(),
@@ -156,27 +159,28 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     }
     let mut attached = Vec::new();
     for iface in &args.ifaces {
+        // What `status` shows: how detection is attached, and whether it was
+        // running already (pinned by an earlier run, adopted by this one).
         let mode = match &pin_dir {
             Some(dir) => match loader::attach_pinned(&mut ebpf, iface, dir) {
-                Ok(adopted) => {
-                    if adopted {
-                        info!(
-                            "{iface}: adopted the programs pinned in {} (replaced atomically)",
-                            dir.display()
-                        );
-                    }
-                    loader::AttachMode::Tcx
+                Ok(true) => {
+                    info!(
+                        "{iface}: adopted the programs pinned in {} (replaced atomically)",
+                        dir.display()
+                    );
+                    format!("{}, pinned, adopted", loader::AttachMode::Tcx)
                 }
+                Ok(false) => format!("{}, pinned", loader::AttachMode::Tcx),
                 Err(e) => {
                     warn!("{e:#}: attaching {iface} unpinned, detached when spamdelay exits");
-                    loader::attach(&mut ebpf, iface)?
+                    loader::attach(&mut ebpf, iface)?.to_string()
                 }
             },
-            None => loader::attach(&mut ebpf, iface)?,
+            None => loader::attach(&mut ebpf, iface)?.to_string(),
         };
         attached.push(Attachment {
             iface: iface.clone(),
-            mode: mode.to_string(),
+            mode,
         });
     }
     let ports: Vec<String> = args.ports.iter().map(u16::to_string).collect();
@@ -226,12 +230,14 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         counters: Default::default(),
         bridge_map_id: Some(bridge_map_id),
         pin_dir: pin_dir.clone(),
+        daemon_counters: Default::default(),
     };
     let (tx, rx) = mpsc::channel(65536);
     let mut reader = tokio::spawn(read_events(ring, tx));
     let mut enforcing = tokio::spawn(enforcer.run(rx));
     let mut reporting = tokio::spawn(report_status(
         stats.clone(),
+        counters.clone(),
         status.clone(),
         state_dir.clone(),
     ));
@@ -272,6 +278,13 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         info!("stopping: {}", metrics::line(&counts));
         status.set_counters(&counts);
     }
+    status.daemon_counters = counters.snapshot();
+    let own: Vec<String> = status
+        .daemon_counters
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    info!("bans made: {}", own.join(" "));
     status.running = false;
     status.updated = bans::now();
     if let Err(e) = status.write(&state_dir) {
@@ -344,14 +357,21 @@ fn restore_passes(
     Ok(())
 }
 
-/// Refreshes the status file each second with the kernel's counters.
-async fn report_status(stats: Arc<PerCpuArray<MapData, u64>>, mut status: Status, dir: PathBuf) {
+/// Refreshes the status file each second with the kernel's counters and
+/// the daemon's own.
+async fn report_status(
+    stats: Arc<PerCpuArray<MapData, u64>>,
+    counters: Arc<Counters>,
+    mut status: Status,
+    dir: PathBuf,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         if let Ok(s) = metrics::sum(&*stats) {
             status.set_counters(&s);
         }
+        status.daemon_counters = counters.snapshot();
         status.updated = bans::now();
         if let Err(e) = status.write(&dir) {
             warn!("writing the status file: {e:#}");

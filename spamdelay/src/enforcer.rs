@@ -1,23 +1,21 @@
-//! The ban pipeline: verdicts in, deduplicated per network, sentenced by the
-//! policy, applied to nftables in batches (one transaction per batch), then
-//! recorded in the register. It also keeps the table alive: should it vanish
-//! (`nft flush ruleset`, a firewall reload), it is rebuilt with the live bans.
+//! The daemon's side of banning: verdicts in, deduplicated per network,
+//! handed to the ban path (banpath.rs) in batches, the pass cache fed, and
+//! the table kept alive: should it vanish (`nft flush ruleset`, a firewall
+//! reload), it is rebuilt with the live bans.
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use log::{error, info, warn};
+use anyhow::Result;
+use log::{error, info};
 use spamdelay_common::Verdict;
 use tokio::sync::mpsc;
 
 use crate::{
-    allow::Cidr,
-    bans::{self, Register, Store, TableSettings},
+    banpath::{BanPath, Done, Term, Wanted, show},
+    bans::{self, Store},
     events::Report,
-    netlink::{NetlinkSets, Refusal},
-    nft::{self, Change, NftError},
     passcache::PassCache,
-    policy::{Offence, Policy},
+    policy::Policy,
 };
 
 /// A batch holds at most this many verdicts.
@@ -26,32 +24,12 @@ pub const BATCH_MAX: usize = 512;
 pub const HEAL_EVERY: Duration = Duration::from_millis(500);
 
 pub struct Enforcer {
-    pub store: Store,
-    pub policy: Policy,
-    pub table: TableSettings,
-    pub dry_run: bool,
+    store: Store,
+    policy: Policy,
+    path: BanPath,
     /// Every pass, for PIPECONNECT after a restart and the MTA's file.
-    pub pass_cache: PassCache,
-    /// When the register was last written, and whether bans since are not.
-    pub saved_at: Option<std::time::Instant>,
-    pub unsaved: bool,
-    /// Where element changes go.
-    pub applier: Applier,
-}
-
-/// A register this big is written at most every `SAVE_EVERY` (each write is
-/// the whole file, fsynced); a smaller one after every batch. Bans are in
-/// nftables at once either way: the register is what a reboot restores from.
-const SAVE_ANYWAY_BELOW: usize = 10_000;
-const SAVE_EVERY: Duration = Duration::from_millis(500);
-
-/// `[198.51.100.7]` for an address, `[2001:db8::]/64` for a network.
-pub fn show(cidr: &Cidr) -> String {
-    if cidr.is_host() {
-        format!("[{}]", cidr.addr())
-    } else {
-        format!("[{}]/{}", cidr.addr(), cidr.prefix_len())
-    }
+    pass_cache: PassCache,
+    dry_run: bool,
 }
 
 fn human(d: Duration) -> String {
@@ -59,6 +37,26 @@ fn human(d: Duration) -> String {
 }
 
 impl Enforcer {
+    pub fn new(
+        store: Store,
+        policy: Policy,
+        path: BanPath,
+        pass_cache: PassCache,
+        dry_run: bool,
+    ) -> Self {
+        Enforcer {
+            store,
+            policy,
+            path,
+            pass_cache,
+            dry_run,
+        }
+    }
+
+    pub fn pass_cache(&self) -> &PassCache {
+        &self.pass_cache
+    }
+
     /// Sets up the table and restores the register's live bans. Nothing at
     /// all is done to nftables in a dry run.
     pub async fn start(&mut self) -> Result<()> {
@@ -66,12 +64,7 @@ impl Enforcer {
             return Ok(());
         }
         let (mut locked, _) = self.store.lock()?;
-        locked.register.table = self.table.clone();
-        locked.register.forget_expired(bans::now());
-        locked.save()?;
-        let restored = self
-            .rebuild(live_bans(&locked.register, &self.table, bans::now()))
-            .await?;
+        let restored = self.path.restore(&mut locked, bans::now()).await?;
         if restored > 0 {
             info!(
                 "restored {restored} bans from {}",
@@ -79,24 +72,6 @@ impl Enforcer {
             );
         }
         Ok(())
-    }
-
-    /// (Re)creates the table and loads the live bans into it.
-    async fn rebuild(&mut self, live: Vec<Change>) -> Result<usize> {
-        let t = &self.table;
-        if let Err(e) = t.ensure().await {
-            if matches!(e, NftError::Missing | NftError::Permission) {
-                return Err(e).context("setting up table inet spamdelay");
-            }
-            // Sets made earlier with other settings: start the table afresh;
-            // the register holds every ban, so nothing is lost.
-            warn!("table inet spamdelay does not match these settings ({e}): recreating it");
-            nft::delete_table()
-                .await
-                .context("deleting the old table inet spamdelay")?;
-            t.ensure().await.context("creating table inet spamdelay")?;
-        }
-        Ok(self.applier.apply(&live).await.len())
     }
 
     /// Runs until the report channel closes.
@@ -156,112 +131,79 @@ impl Enforcer {
         }
     }
 
-    /// Sentences a batch of verdicts and applies the bans in one transaction.
+    /// Logs a batch of verdicts and bans its offenders through the ban path.
     async fn punish(&mut self, batch: &[Report]) -> Result<()> {
         // Log every verdict first: the log is the record even if nft fails.
         for r in batch {
             info!("{r}");
         }
-        let mut offences: Vec<Offence> = Vec::new();
-        for o in batch.iter().filter_map(|r| self.policy.offence(r)) {
-            if !offences.iter().any(|seen| seen.cidr == o.cidr) {
-                offences.push(o);
-            }
-        }
-        if offences.is_empty() {
+        let wanted: Vec<Wanted> = batch
+            .iter()
+            .filter_map(|r| self.policy.offence(r))
+            .map(|o| Wanted {
+                cidr: o.cidr,
+                reason: o.reason,
+                term: Term::Sentence,
+            })
+            .collect();
+        if wanted.is_empty() {
             return Ok(());
         }
         let (mut locked, _) = self.store.lock()?;
-        let now = bans::now();
-        let mut planned = Vec::new();
-        let lengths = locked.register.lengths();
-        for o in offences {
-            if let Some((by, _)) = locked.register.covering_in(&lengths, &o.cidr, now) {
-                info!("{} already banned as {}", show(&o.cidr), show(by));
-                continue;
+        let done = self
+            .path
+            .ban(&mut locked, &self.policy, wanted, bans::now())
+            .await?;
+        drop(locked);
+        let verb = if self.dry_run { "would ban" } else { "ban" };
+        for d in done {
+            match d {
+                Done::Banned { cidr, ban } => info!(
+                    "{verb} {} for {} (offence {}): {}",
+                    show(&cidr),
+                    human(Duration::from_secs(ban.expires.saturating_sub(bans::now()))),
+                    ban.offences,
+                    ban.reason
+                ),
+                Done::Covered { cidr, by } => {
+                    info!("{} already banned as {}", show(&cidr), show(&by))
+                }
+                Done::Refused { .. } => {}
+                Done::Aggregated {
+                    cidrs,
+                    net,
+                    members,
+                    ban,
+                } => {
+                    let shown: Vec<String> = cidrs.iter().map(show).collect();
+                    info!(
+                        "{verb} {} for {} (offence {}) instead of {}: {members} addresses of it banned (--ipv6-aggregate)",
+                        show(&net),
+                        human(Duration::from_secs(ban.expires.saturating_sub(bans::now()))),
+                        ban.offences,
+                        shown.join(", ")
+                    )
+                }
             }
-            let sentence = self.policy.sentence(locked.register.bans.get(&o.cidr), now);
-            let ban = self.policy.ban(&sentence, o.reason, now);
-            let verb = if self.dry_run { "would ban" } else { "ban" };
-            info!(
-                "{verb} {} for {} (offence {}): {}",
-                show(&o.cidr),
-                human(sentence.duration),
-                sentence.offences,
-                ban.reason
-            );
-            planned.push((o.cidr, ban));
-        }
-        if self.dry_run || planned.is_empty() {
-            return Ok(());
-        }
-        let changes: Vec<Change> = planned
-            .iter()
-            .map(|(cidr, ban)| Change::Add {
-                cidr: *cidr,
-                set: self.table.set_for(cidr),
-                timeout_secs: ban.time_left(now).as_secs(),
-                comment: nft::comment(&ban.reason),
-            })
-            .collect();
-        let applied = self.applier.apply(&changes).await;
-        for (cidr, ban) in planned {
-            if applied.contains(&cidr) {
-                locked.register.bans.insert(cidr, ban);
-            }
-        }
-        let due = self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
-        if locked.register.bans.len() < SAVE_ANYWAY_BELOW || due {
-            locked.register.forget_expired(now);
-            locked.save()?;
-            self.saved_at = Some(std::time::Instant::now());
-            self.unsaved = false;
-        } else {
-            self.unsaved = true;
         }
         Ok(())
     }
 
     /// Writes bans a busy flood left unsaved.
     fn save_register(&mut self) -> Result<()> {
-        if !self.unsaved {
-            return Ok(());
-        }
         let (mut locked, _) = self.store.lock()?;
-        locked.register.forget_expired(bans::now());
-        locked.save()?;
-        self.saved_at = Some(std::time::Instant::now());
-        self.unsaved = false;
-        Ok(())
+        self.path.flush(&mut locked, bans::now())
     }
 
     /// Rebuilds the table if someone removed it.
     async fn heal(&mut self) -> Result<()> {
-        if nft::table_exists().await? {
+        if crate::nft::table_exists().await? {
             return Ok(());
         }
         let (locked, _) = self.store.lock()?;
-        let live = live_bans(&locked.register, &self.table, bans::now());
-        warn!(
-            "table inet spamdelay is gone (flushed or reloaded?): recreating it with {} live bans",
-            live.len()
-        );
-        self.rebuild(live).await?;
+        self.path.heal(&locked.register, bans::now()).await?;
         Ok(())
     }
-}
-
-/// Every ban in force, as additions with their time left.
-fn live_bans(register: &Register, table: &TableSettings, now: u64) -> Vec<Change> {
-    register
-        .active(now)
-        .map(|(cidr, ban)| Change::Add {
-            cidr: *cidr,
-            set: table.set_for(cidr),
-            timeout_secs: ban.time_left(now).as_secs(),
-            comment: nft::comment(&ban.reason),
-        })
-        .collect()
 }
 
 /// The first verdict and whatever else is already waiting, without waiting
@@ -276,127 +218,4 @@ fn collect_batch(first: Report, reports: &mut mpsc::Receiver<Report>) -> Vec<Rep
         }
     }
     batch
-}
-
-/// Where element changes go: addresses into the hash sets over netlink, in
-/// process (no `nft` run per ban), networks into the interval sets through
-/// `nft -j`. A full set is reported once a minute, not once per address.
-#[derive(Default)]
-pub struct Applier {
-    /// Opened on first use, dropped (and reopened) after a transport error.
-    netlink: Option<NetlinkSets>,
-    full_warned: Option<std::time::Instant>,
-    /// Bans refused because their set was full, since the last warning.
-    full_since_warning: u64,
-}
-
-/// How often a full set is warned about.
-const FULL_WARN_EVERY: Duration = Duration::from_secs(60);
-
-impl Applier {
-    /// Applies `changes`; returns the networks of those that took.
-    pub async fn apply(&mut self, changes: &[Change]) -> Vec<Cidr> {
-        if changes.is_empty() {
-            return Vec::new();
-        }
-        let (mut took, rest) = match self.over_netlink(changes).await {
-            Ok(split) => split,
-            Err(e) => {
-                warn!(
-                    "netlink: {e}: applying {} changes through nft",
-                    changes.len()
-                );
-                (Vec::new(), changes.to_vec())
-            }
-        };
-        took.extend(apply_resilient(&rest).await);
-        took
-    }
-
-    /// Sends `changes` over netlink; returns what took and what must go
-    /// through nft (interval sets).
-    async fn over_netlink(&mut self, changes: &[Change]) -> Result<(Vec<Cidr>, Vec<Change>)> {
-        let mut sets = match self.netlink.take() {
-            Some(s) => s,
-            None => NetlinkSets::open().context("opening a netfilter netlink socket")?,
-        };
-        let batch = changes.to_vec();
-        // The socket blocks: off the two runtime workers.
-        let (sets, result) = tokio::task::spawn_blocking(move || {
-            let r = sets.apply(&batch);
-            (sets, r)
-        })
-        .await
-        .context("the netlink task")?;
-        let applied = result?;
-        self.netlink = Some(sets);
-        let mut took = Vec::new();
-        let mut rest = Vec::new();
-        let mut full: Vec<&'static str> = Vec::new();
-        let mut refused_full = 0;
-        for (change, outcome) in changes.iter().zip(applied.outcomes()) {
-            match outcome {
-                Ok(()) => took.push(*change.cidr()),
-                Err(Refusal::IntervalSet { .. } | Refusal::Network { .. }) => {
-                    rest.push(change.clone())
-                }
-                Err(Refusal::Full { set }) => {
-                    refused_full += 1;
-                    if !full.contains(set) {
-                        full.push(set);
-                    }
-                }
-                Err(e) => error!("nf_tables refused {}: {e}", show(change.cidr())),
-            }
-        }
-        if !full.is_empty() {
-            self.full(&full, refused_full);
-        }
-        Ok((took, rest))
-    }
-
-    /// One warning a minute for full sets, with how many bans they cost.
-    fn full(&mut self, sets: &[&'static str], refused: usize) {
-        self.full_since_warning += refused as u64;
-        if self
-            .full_warned
-            .is_some_and(|t| t.elapsed() < FULL_WARN_EVERY)
-        {
-            return;
-        }
-        warn!(
-            "set {} is full: {} bans refused since the last warning; the kernel's bridge still blocks new offenders for a while; raise --set-size",
-            sets.join(", "),
-            self.full_since_warning
-        );
-        self.full_warned = Some(std::time::Instant::now());
-        self.full_since_warning = 0;
-    }
-}
-
-/// Applies changes in one transaction; if nft refuses the whole, each change
-/// alone, so one bad element cannot cost the others. Returns what took.
-pub async fn apply_resilient(changes: &[Change]) -> Vec<Cidr> {
-    if changes.is_empty() {
-        return Vec::new();
-    }
-    match nft::apply_changes(changes).await {
-        Ok(()) => return changes.iter().map(|c| *c.cidr()).collect(),
-        Err(e) if changes.len() == 1 => {
-            error!("nft refused {}: {e}", show(changes[0].cidr()));
-            return Vec::new();
-        }
-        Err(e) => warn!(
-            "nft refused a batch of {} ({e}): applying them one by one",
-            changes.len()
-        ),
-    }
-    let mut ok = Vec::new();
-    for c in changes {
-        match nft::apply_changes(std::slice::from_ref(c)).await {
-            Ok(()) => ok.push(*c.cidr()),
-            Err(e) => error!("nft refused {}: {e}", show(c.cidr())),
-        }
-    }
-    ok
 }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod allow;
+pub mod banpath;
 pub mod bans;
 pub mod cli;
 pub mod clock;

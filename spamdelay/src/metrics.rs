@@ -54,6 +54,9 @@ pub struct Status {
     /// Where the kernel state is pinned (`run --pin-dir`), if it is.
     #[serde(default)]
     pub pin_dir: Option<std::path::PathBuf>,
+    /// The daemon's own counters: bans, set_full, aggregated, apply_errors.
+    #[serde(default)]
+    pub daemon_counters: BTreeMap<String, u64>,
 }
 
 impl Status {

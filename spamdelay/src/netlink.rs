@@ -228,7 +228,9 @@ impl NetlinkSets {
         let mut names: Vec<&'static str> = Vec::new();
         for (i, c) in changes.iter().enumerate() {
             let (cidr, set) = target(c);
-            if !cidr.is_host() {
+            let single =
+                cidr.is_host() || (nft::masked(set) && cidr.prefix_len() == nft::V6_NET_PREFIX);
+            if !single {
                 outcomes[i] = Err(Refusal::Network {
                     cidr: cidr.to_string(),
                     set,

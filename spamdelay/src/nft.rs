@@ -6,7 +6,9 @@
 use std::{borrow::Cow, collections::HashSet, net::IpAddr, process::Stdio};
 
 use nftables::{
-    expr::{Elem, Expression, NamedExpression, Payload, PayloadField, Prefix, SetItem},
+    expr::{
+        BinaryOperation, Elem, Expression, NamedExpression, Payload, PayloadField, Prefix, SetItem,
+    },
     schema::{
         Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag,
         SetType, SetTypeValue, Table,
@@ -22,12 +24,20 @@ pub const TABLE: &str = "spamdelay";
 /// Banned addresses: hash sets, whose cost per added element stays flat
 /// however many bans they hold (interval sets grow slower with every element).
 pub const SET_V4: &str = "early_talkers_v4";
-/// Also holds the /N networks of `--ipv6-prefix N`, and then has `interval`.
 pub const SET_V6: &str = "early_talkers_v6";
-/// Networks banned by hand (`spamdelay ban 203.0.113.0/24`): interval sets.
+/// IPv6 /64 networks (`--ipv6-prefix 64`, `--ipv6-aggregate`, a /64 banned
+/// by hand), kept as a hash set of their network addresses and matched by
+/// `ip6 saddr & ffff:ffff:ffff:ffff:: @early_talkers_v6_64`: as cheap per
+/// ban as single addresses, where an interval set costs more with each one.
+pub const SET_V6_64: &str = "early_talkers_v6_64";
+/// The prefix length SET_V6_64's elements stand for.
+pub const V6_NET_PREFIX: u8 = 64;
+const V6_NET_MASK: &str = "ffff:ffff:ffff:ffff::";
+/// Other networks, banned by hand (`spamdelay ban 203.0.113.0/24`) or by
+/// `--ipv6-prefix` other than 64: interval sets, written through `nft`.
 pub const SET_V4_NETS: &str = "early_talkers_v4_nets";
 pub const SET_V6_NETS: &str = "early_talkers_v6_nets";
-const ALL_SETS: [&str; 4] = [SET_V4, SET_V6, SET_V4_NETS, SET_V6_NETS];
+pub const ALL_SETS: [&str; 5] = [SET_V4, SET_V6, SET_V6_64, SET_V4_NETS, SET_V6_NETS];
 /// nft keeps at most this many bytes of an element comment.
 const COMMENT_MAX: usize = 120;
 
@@ -136,22 +146,27 @@ pub struct Listed {
     pub comment: Option<String>,
 }
 
-/// The set a ban goes to: addresses to the hash sets, networks to the
-/// interval sets, except that `--ipv6-prefix` networks share early_talkers_v6
-/// (which then has `interval`).
-pub fn set_for(cidr: &Cidr, v6_interval: bool) -> &'static str {
+/// The set a ban goes to: addresses and IPv6 /64s to the hash sets, other
+/// networks to the interval sets.
+pub fn set_for(cidr: &Cidr) -> &'static str {
     match (cidr.is_ipv4(), cidr.is_host()) {
         (true, true) => SET_V4,
         (true, false) => SET_V4_NETS,
         (false, true) => SET_V6,
-        (false, false) if v6_interval => SET_V6,
+        (false, false) if cidr.prefix_len() == V6_NET_PREFIX => SET_V6_64,
         (false, false) => SET_V6_NETS,
     }
 }
 
-fn elem_value(cidr: &Cidr) -> Expression<'static> {
+/// Whether `set` holds its networks as single (masked) addresses.
+pub fn masked(set: &str) -> bool {
+    set == SET_V6_64
+}
+
+/// A set's element for `cidr`: an address, or a prefix for interval sets.
+fn elem_value(cidr: &Cidr, set: &str) -> Expression<'static> {
     let addr = Expression::String(Cow::Owned(cidr.addr().to_string()));
-    if cidr.is_host() {
+    if cidr.is_host() || masked(set) {
         addr
     } else {
         Expression::Named(NamedExpression::Prefix(Prefix {
@@ -194,12 +209,7 @@ fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'stati
 }
 
 /// The table's objects: table, sets, chains (flushed, then their rules).
-fn table_objects(
-    ports: &[u16],
-    action: Action,
-    set_size: u32,
-    v6_interval: bool,
-) -> Vec<NfObject<'static>> {
+fn table_objects(ports: &[u16], action: Action, set_size: u32) -> Vec<NfObject<'static>> {
     let mut objs = vec![NfObject::CmdObject(NfCmd::Add(NfListObject::Table(
         Table {
             family: NfFamily::INet,
@@ -209,7 +219,8 @@ fn table_objects(
     )))];
     for (name, ty, interval) in [
         (SET_V4, SetType::Ipv4Addr, false),
-        (SET_V6, SetType::Ipv6Addr, v6_interval),
+        (SET_V6, SetType::Ipv6Addr, false),
+        (SET_V6_64, SetType::Ipv6Addr, false),
         (SET_V4_NETS, SetType::Ipv4Addr, true),
         (SET_V6_NETS, SetType::Ipv6Addr, true),
     ] {
@@ -263,12 +274,7 @@ fn table_objects(
                 ..Default::default()
             },
         ))));
-        for (proto, set) in [
-            ("ip", SET_V4),
-            ("ip6", SET_V6),
-            ("ip", SET_V4_NETS),
-            ("ip6", SET_V6_NETS),
-        ] {
+        for set in ALL_SETS {
             let verdict = match action {
                 Action::Reject => {
                     Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None)))
@@ -280,10 +286,7 @@ fn table_objects(
                 table: TABLE.into(),
                 chain: chain.into(),
                 expr: vec![
-                    eq(
-                        payload(proto, "saddr"),
-                        Expression::String(format!("@{set}").into()),
-                    ),
+                    eq(saddr_of(set), Expression::String(format!("@{set}").into())),
                     eq(payload("tcp", "dport"), ports_expr.clone()),
                     Statement::Counter(Counter::Anonymous(None)),
                     verdict,
@@ -296,6 +299,20 @@ fn table_objects(
         }
     }
     objs
+}
+
+/// What a set's elements are matched against: the source address, masked
+/// to its /64 for SET_V6_64.
+fn saddr_of(set: &str) -> Expression<'static> {
+    let v4 = set == SET_V4 || set == SET_V4_NETS;
+    let saddr = payload(if v4 { "ip" } else { "ip6" }, "saddr");
+    if !masked(set) {
+        return saddr;
+    }
+    Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+        saddr,
+        Expression::String(V6_NET_MASK.into()),
+    )))
 }
 
 fn change_object(change: &Change) -> NfObject<'static> {
@@ -311,14 +328,14 @@ fn change_object(change: &Change) -> NfObject<'static> {
         } => (
             NfCmd::Add,
             Expression::Named(NamedExpression::Elem(Elem {
-                val: Box::new(elem_value(cidr)),
+                val: Box::new(elem_value(cidr, change.set())),
                 timeout: Some(u32::try_from(*timeout_secs).unwrap_or(u32::MAX).max(1)),
                 expires: None,
                 comment: Some(comment.clone().into()),
                 counter: None,
             })),
         ),
-        Change::Delete { cidr, .. } => (NfCmd::Delete, elem_value(cidr)),
+        Change::Delete { cidr, set } => (NfCmd::Delete, elem_value(cidr, set)),
     };
     NfObject::CmdObject(cmd(NfListObject::Element(Element {
         family: NfFamily::INet,
@@ -341,9 +358,8 @@ pub fn ensure_table(
     ports: &[u16],
     action: Action,
     set_size: u32,
-    v6_interval: bool,
 ) -> impl std::future::Future<Output = Result<(), NftError>> + Send + 'static {
-    apply(table_objects(ports, action, set_size, v6_interval))
+    apply(table_objects(ports, action, set_size))
 }
 
 /// Deletes spamdelay's table (used when its sets were made with other settings).
@@ -404,6 +420,7 @@ pub async fn list_elements() -> Result<Vec<Listed>, NftError> {
         let args: &'static [&'static str] = match set {
             SET_V4 => &["list", "set", "inet", TABLE, SET_V4],
             SET_V6 => &["list", "set", "inet", TABLE, SET_V6],
+            SET_V6_64 => &["list", "set", "inet", TABLE, SET_V6_64],
             SET_V4_NETS => &["list", "set", "inet", TABLE, SET_V4_NETS],
             _ => &["list", "set", "inet", TABLE, SET_V6_NETS],
         };
@@ -432,6 +449,9 @@ fn listed(e: &Expression<'_>, set: &'static str) -> Option<Listed> {
         other => (other, None, None),
     };
     let cidr = match val {
+        Expression::String(s) if masked(set) => {
+            Cidr::around(s.parse::<IpAddr>().ok()?, V6_NET_PREFIX)
+        }
         Expression::String(s) => s.parse().ok()?,
         Expression::Named(NamedExpression::Prefix(p)) => match &*p.addr {
             Expression::String(a) => {

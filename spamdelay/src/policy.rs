@@ -69,6 +69,19 @@ impl Policy {
         })
     }
 
+    /// The policy of a ban by hand: its time is given, its offence counted
+    /// and remembered as the daemon does (`settings`, from the register).
+    pub fn manual(settings: &crate::bans::BanSettings) -> Self {
+        Policy {
+            ban_time: Duration::from_secs(1),
+            max_ban_time: Duration::MAX,
+            ban_quitters: false,
+            ipv6_prefix: 128,
+            remember: Duration::from_secs(settings.remember_secs),
+            greet_pause: None,
+        }
+    }
+
     /// The network banned for an offence from `addr`.
     pub fn network(&self, addr: IpAddr) -> Cidr {
         match addr {

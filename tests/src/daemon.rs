@@ -132,6 +132,10 @@ impl Daemon {
             // would see drops where they look for resets. Off unless a test
             // asks for it (tests/tests/bridge.rs); a later flag wins.
             .args(["--bridge-time", "0"])
+            // The lab's clients, server and floods all share 2001:db8::/64
+            // (which, holding the server, is never aggregated anyway).
+            // Off unless a test asks for it; a later flag wins.
+            .args(["--ipv6-aggregate", "0"])
             .arg("--pin-dir")
             .arg(pin_dir_for(state.path()))
             .args(args)

@@ -19,6 +19,7 @@ use spamdelay_tests::{
 
 const V4: &str = "early_talkers_v4";
 const V6: &str = "early_talkers_v6";
+const V6_64: &str = "early_talkers_v6_64";
 
 fn wait_ban(s: &Scenario, addr: &str) -> String {
     s.daemon
@@ -99,11 +100,13 @@ fn ipv6_prefix_mode_bans_the_whole_64() {
     s.daemon
         .wait_for(|l| l.starts_with("ban [2001:db8::]/64"), VERDICT_WAIT)
         .expect("a /64 ban");
+    // A hash set of /64 network addresses, matched by `ip6 saddr & mask`.
     assert!(
-        element(&s.lab.server, V6, "2001:db8::/64").is_some(),
+        element(&s.lab.server, V6_64, "2001:db8::").is_some(),
         "{:?}",
-        elements(&s.lab.server, V6)
+        elements(&s.lab.server, V6_64)
     );
+    assert!(elements(&s.lab.server, V6).is_empty());
     assert!(
         s.lab.refused(2, true),
         "another address in the /64 is refused"
@@ -292,7 +295,7 @@ fn manual_ban_list_and_status() {
         )
         .expect("spamdelay ban");
     assert!(ok, "{err}");
-    assert_eq!(out.trim(), format!("banned [{addr}] for 1day"));
+    assert_eq!(out.trim(), format!("banned [{addr}] for 1day (offence 1)"));
     let e = element(&s.lab.server, V4, &addr).expect("manual ban in nft");
     assert_eq!(
         (e.timeout, e.comment.as_deref()),
@@ -347,27 +350,38 @@ fn admin_commands_work_without_the_daemon() {
             .output()
             .expect("spamdelay")
     };
-    let out = run(&["ban", "2001:db8::/64", "--time", "2h"]);
+    let out = run(&["ban", "2001:db8::/48", "--time", "2h"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        element(&lab.server, "early_talkers_v6_nets", "2001:db8::/64").is_some(),
+        element(&lab.server, "early_talkers_v6_nets", "2001:db8::/48").is_some(),
         "table created and ban applied"
     );
+    // A /64 goes to the hash set of masked addresses, over netlink.
+    let out = run(&["ban", "2001:db8:1:2::/64", "--time", "2h"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(element(&lab.server, V6_64, "2001:db8:1:2::").is_some());
     let out = run(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("daemon: not running"), "{text}");
-    assert!(text.contains("0 IPv4, 1 IPv6 in force"), "{text}");
-    let out = run(&["unban", "2001:db8::/64"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(text.contains("0 IPv4, 2 IPv6 in force"), "{text}");
+    for net in ["2001:db8::/48", "2001:db8:1:2::/64"] {
+        let out = run(&["unban", net]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert!(elements(&lab.server, "early_talkers_v6_nets").is_empty());
+    assert!(elements(&lab.server, V6_64).is_empty());
 }
 
 #[test]

@@ -13,7 +13,7 @@ use spamdelay::{
     allow::Cidr,
     bans::TableSettings,
     netlink::{NetlinkError, NetlinkSets, Refusal},
-    nft::{Change, SET_V4, SET_V4_NETS, SET_V6},
+    nft::{Change, SET_V4, SET_V4_NETS, SET_V6, SET_V6_64, SET_V6_NETS},
 };
 use spamdelay_tests::{
     lab::Netns,
@@ -47,7 +47,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn add(addr: IpAddr, secs: u64, comment: &str) -> Change {
     let cidr = Cidr::host(addr);
     Change::Add {
-        set: spamdelay::nft::set_for(&cidr, false),
+        set: spamdelay::nft::set_for(&cidr),
         cidr,
         timeout_secs: secs,
         comment: comment.to_string(),
@@ -57,7 +57,7 @@ fn add(addr: IpAddr, secs: u64, comment: &str) -> Change {
 fn delete(addr: IpAddr) -> Change {
     let cidr = Cidr::host(addr);
     Change::Delete {
-        set: spamdelay::nft::set_for(&cidr, false),
+        set: spamdelay::nft::set_for(&cidr),
         cidr,
     }
 }
@@ -237,15 +237,17 @@ fn interval_sets_and_networks_are_refused_and_the_rest_applied() {
     if !privileged("interval_sets_and_networks_are_refused_and_the_rest_applied") {
         return;
     }
-    // `--ipv6-prefix 64`: early_talkers_v6 holds intervals.
-    let settings = TableSettings {
-        ipv6_prefix: 64,
-        ..TableSettings::default()
-    };
-    let (ns, mut sets) = table("nliv", settings);
+    let (ns, mut sets) = table("nliv", TableSettings::default());
     let net: Cidr = "198.18.0.0/24".parse().expect("a CIDR");
+    let net64: Cidr = "2001:db8:0:7::/64".parse().expect("a CIDR");
+    assert_eq!(spamdelay::nft::set_for(&net64), SET_V6_64);
     let changes = [
-        add(v6(1), 600, "into an interval set"),
+        Change::Add {
+            cidr: Cidr::host(v6(1)),
+            set: SET_V6_NETS,
+            timeout_secs: 600,
+            comment: "into an interval set".into(),
+        },
         Change::Add {
             cidr: net,
             set: SET_V4_NETS,
@@ -259,12 +261,19 @@ fn interval_sets_and_networks_are_refused_and_the_rest_applied() {
             comment: "wrong family".into(),
         },
         add(v4(1), 600, "fine"),
+        // A /64 is a single (masked) address in its hash set.
+        Change::Add {
+            cidr: net64,
+            set: SET_V6_64,
+            timeout_secs: 600,
+            comment: "a /64".into(),
+        },
     ];
     let applied = sets.apply(&changes).expect("applying over netlink");
     assert_eq!(
         applied.outcomes(),
         [
-            Err(Refusal::IntervalSet { set: SET_V6 }),
+            Err(Refusal::IntervalSet { set: SET_V6_NETS }),
             Err(Refusal::Network {
                 cidr: "198.18.0.0/24".into(),
                 set: SET_V4_NETS
@@ -275,10 +284,14 @@ fn interval_sets_and_networks_are_refused_and_the_rest_applied() {
                 key_len: 4
             }),
             Ok(()),
+            Ok(()),
         ]
     );
-    assert!(elements(&ns, SET_V6).is_empty());
+    assert!(elements(&ns, SET_V6_NETS).is_empty());
     assert_eq!(elements(&ns, SET_V4).len(), 1);
+    let held = elements(&ns, SET_V6_64);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].addr, "2001:db8:0:7::", "the /64's network address");
 }
 
 #[test]

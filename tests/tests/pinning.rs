@@ -6,6 +6,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -15,6 +16,7 @@ use spamdelay_tests::{
     privileged,
     scenario::{Scenario, VERDICT_WAIT},
     smtp::{self, Greeting},
+    until,
 };
 
 /// A pin directory of the test's own.
@@ -121,6 +123,17 @@ fn verdicts_made_while_the_daemon_is_dead_are_applied_when_it_returns() {
         tcx_programs(&s.lab),
         (1, 1),
         "one program per hook: replaced, not added"
+    );
+    // `status` tells an adopted attachment from a fresh one.
+    assert!(
+        until(Duration::from_secs(3), || {
+            let (_, out, _) = s
+                .daemon
+                .admin(&s.lab.server, &["status"])
+                .expect("spamdelay status");
+            out.contains("(tcx, pinned, adopted)")
+        }),
+        "status does not show the adoption"
     );
     let Scenario { lab, daemon, .. } = s;
     let (status, lines) = daemon.stop().expect("stopping");

@@ -127,6 +127,8 @@ pub struct BanPath {
     throttle_saves: bool,
     saved_at: Option<Instant>,
     unsaved: bool,
+    /// The background sync of the last write, if still running.
+    syncing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl BanPath {
@@ -147,6 +149,7 @@ impl BanPath {
             throttle_saves: true,
             saved_at: None,
             unsaved: false,
+            syncing: None,
         }
     }
 
@@ -162,6 +165,7 @@ impl BanPath {
             throttle_saves: false,
             saved_at: None,
             unsaved: false,
+            syncing: None,
         }
     }
 
@@ -184,6 +188,11 @@ impl BanPath {
         self.rebuild(&locked.register, now).await
     }
 
+    /// Whether the table is there with all its sets (a netlink round trip).
+    pub async fn table_present(&mut self) -> Result<bool> {
+        self.applier.table_present().await
+    }
+
     /// Rebuilds the table someone removed (`nft flush ruleset`, a firewall
     /// reload) with the live bans. Returns how many were loaded.
     pub async fn heal(&mut self, register: &Register, now: u64) -> Result<usize> {
@@ -196,6 +205,7 @@ impl BanPath {
 
     async fn rebuild(&mut self, register: &Register, now: u64) -> Result<usize> {
         self.ensure_table().await?;
+        self.applier.forget_sets();
         let live: Vec<Change> = register
             .active(now)
             .map(|(cidr, ban)| add(cidr, ban, now))
@@ -448,16 +458,35 @@ impl BanPath {
             .collect()
     }
 
-    /// Writes the register, at once or throttled (see `SAVE_EVERY`).
+    /// Writes the register: an admin's at once and synced; the daemon's
+    /// replaced atomically after every batch while it is small, every
+    /// `SAVE_EVERY` when it is big, and synced to disk in the background,
+    /// so the next verdict never waits for the disk.
     fn save(&mut self, locked: &mut Locked, now: u64) -> Result<()> {
-        let due = self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
-        if !self.throttle_saves || locked.register.bans.len() < SAVE_ANYWAY_BELOW || due {
+        if !self.throttle_saves {
             locked.register.forget_expired(now);
-            locked.save()?;
-            self.saved_at = Some(Instant::now());
-            self.unsaved = false;
+            return locked.save();
+        }
+        let due = self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
+        if locked.register.bans.len() < SAVE_ANYWAY_BELOW || due {
+            self.write(locked, now)?;
         } else {
             self.unsaved = true;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, locked: &mut Locked, now: u64) -> Result<()> {
+        locked.register.forget_expired(now);
+        let path = locked.save_unsynced()?;
+        self.saved_at = Some(Instant::now());
+        self.unsaved = false;
+        if self.syncing.as_ref().is_none_or(|t| t.is_finished()) {
+            self.syncing = Some(tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::bans::sync(&path) {
+                    warn!("syncing {}: {e:#}", path.display());
+                }
+            }));
         }
         Ok(())
     }
@@ -467,11 +496,12 @@ impl BanPath {
         if !self.unsaved {
             return Ok(());
         }
-        locked.register.forget_expired(now);
-        locked.save()?;
-        self.saved_at = Some(Instant::now());
-        self.unsaved = false;
-        Ok(())
+        self.write(locked, now)
+    }
+
+    /// Whether a busy flood left bans unsaved (`flush` writes them).
+    pub fn unsaved(&self) -> bool {
+        self.unsaved
     }
 
     /// Lifts every ban inside `cidr` (and forgets their offences): from the
@@ -595,6 +625,28 @@ impl Applier {
         }
     }
 
+    /// Whether the table is complete, over netlink (`nft` if that fails).
+    async fn table_present(&mut self) -> Result<bool> {
+        let netlink = match self.netlink.take() {
+            Some(s) => Ok(s),
+            None => NetlinkSets::open(),
+        };
+        if let Ok(mut sets) = netlink
+            && let Ok(present) = blocking(|| sets.table_complete())
+        {
+            self.netlink = Some(sets);
+            return Ok(present);
+        }
+        Ok(nft::table_exists().await?)
+    }
+
+    /// After the table was (re)created: its sets are asked about afresh.
+    fn forget_sets(&mut self) {
+        if let Some(s) = &mut self.netlink {
+            s.forget_sets();
+        }
+    }
+
     /// Applies `changes`; returns the networks of those that took.
     async fn apply(&mut self, changes: &[Change]) -> Vec<Cidr> {
         if changes.is_empty() {
@@ -625,15 +677,10 @@ impl Applier {
             Some(s) => s,
             None => NetlinkSets::open().context("opening a netfilter netlink socket")?,
         };
-        let batch = changes.to_vec();
-        // The socket blocks: off the two runtime workers.
-        let (sets, result) = tokio::task::spawn_blocking(move || {
-            let r = sets.apply(&batch);
-            (sets, r)
-        })
-        .await
-        .context("the netlink task")?;
-        let applied = result?;
+        // nf_tables handles a batch within the sendmsg call and its answers
+        // are read without waiting: microseconds, spent right here rather
+        // than on a hand-over to a blocking thread (as long again).
+        let applied = blocking(|| sets.apply(changes))?;
         self.netlink = Some(sets);
         let mut took = Vec::new();
         let mut rest = Vec::new();
@@ -682,6 +729,15 @@ impl Applier {
         );
         self.full_warned = Some(Instant::now());
         self.full_since_warning = 0;
+    }
+}
+
+/// Runs `f`, which may block briefly, without stalling the runtime's other
+/// tasks (on a multi-threaded runtime; as is otherwise).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

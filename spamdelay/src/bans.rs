@@ -300,6 +300,33 @@ impl Locked {
     }
 }
 
+impl Locked {
+    /// Replaces the register atomically without waiting for the disk:
+    /// `sync` the returned path afterwards (off the hot path).
+    pub fn save_unsynced(&self) -> Result<PathBuf> {
+        let tmp = self.path.with_extension("json.tmp");
+        let f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        let mut out = std::io::BufWriter::new(f);
+        serde_json::to_writer(&mut out, &self.register)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+        drop(out);
+        fs::rename(&tmp, &self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))?;
+        Ok(self.path.clone())
+    }
+}
+
+/// Waits for a file written by `save_unsynced` and its directory to reach
+/// the disk.
+pub fn sync(path: &Path) -> Result<()> {
+    File::open(path)?.sync_all()?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 impl Drop for Locked {
     /// Hands the register back to the store, stamped with the file as it is
     /// now (as written, or as read): the next lock reuses it if untouched.

@@ -249,7 +249,14 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         _ = sigint.recv() => None,
         _ = sigterm.recv() => None,
         r = &mut reader => Some(ended("the ring-buffer reader", r.map(|r| r.map_err(anyhow::Error::from)))),
-        r = &mut enforcing => Some(ended("the enforcer", r.map(Ok))),
+        r = &mut enforcing => {
+            // The enforcer also ends when the reader went first and closed
+            // its channel: then the reader's reason is the one to give.
+            match tokio::time::timeout(Duration::from_secs(1), &mut reader).await {
+                Ok(rr) => Some(ended("the ring-buffer reader", rr.map(|r| r.map_err(anyhow::Error::from)))),
+                Err(_) => Some(ended("the enforcer", r.map(Ok))),
+            }
+        }
         r = &mut reporting => Some(ended("the status writer", r.map(Ok))),
     };
     if let Some(why) = &failure {

@@ -191,13 +191,16 @@ impl Enforcer {
 
     /// Writes bans a busy flood left unsaved.
     fn save_register(&mut self) -> Result<()> {
+        if !self.path.unsaved() {
+            return Ok(());
+        }
         let (mut locked, _) = self.store.lock()?;
         self.path.flush(&mut locked, bans::now())
     }
 
     /// Rebuilds the table if someone removed it.
     async fn heal(&mut self) -> Result<()> {
-        if crate::nft::table_exists().await? {
+        if self.path.table_present().await? {
             return Ok(());
         }
         let (locked, _) = self.store.lock()?;

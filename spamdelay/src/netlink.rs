@@ -185,6 +185,9 @@ pub struct NetlinkSets {
     buf: Vec<u8>,
     /// Messages per transaction whose answers the socket can hold.
     max_messages: usize,
+    /// What each set was when last asked: asked once, not per call (a
+    /// round trip saved on every ban); forgotten on any error.
+    kinds: HashMap<&'static str, SetKind>,
 }
 
 /// What a set must be for an element to go in over netlink.
@@ -211,7 +214,24 @@ impl NetlinkSets {
             buf: Vec::with_capacity(64 * 1024),
             // Room for the batch frame's answers too.
             max_messages: (rcvbuf / ANSWER_BYTES).saturating_sub(4).max(1),
+            kinds: HashMap::new(),
         })
+    }
+
+    /// Forgets what the sets were (call it when the table was recreated).
+    pub fn forget_sets(&mut self) {
+        self.kinds.clear();
+    }
+
+    /// Whether every set of table `inet spamdelay` exists: one round trip,
+    /// no `nft` process (the daemon asks twice a second).
+    pub fn table_complete(&mut self) -> Result<bool, NetlinkError> {
+        self.kinds.clear();
+        match self.set_kinds(&nft::ALL_SETS) {
+            Ok(kinds) => Ok(kinds.len() == nft::ALL_SETS.len()),
+            Err(NetlinkError::NoSuchSet { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Applies `changes` (additions with their timeout and comment, deletions
@@ -224,6 +244,14 @@ impl NetlinkSets {
     /// Err when the call failed as a whole: before anything was sent (no
     /// privilege, no table), or, as `Interrupted`, naming what took.
     pub fn apply(&mut self, changes: &[Change]) -> Result<Applied, NetlinkError> {
+        let result = self.apply_once(changes);
+        if result.is_err() {
+            self.kinds.clear();
+        }
+        result
+    }
+
+    fn apply_once(&mut self, changes: &[Change]) -> Result<Applied, NetlinkError> {
         let mut outcomes: Vec<Result<(), Refusal>> = vec![Ok(()); changes.len()];
         let mut names: Vec<&'static str> = Vec::new();
         for (i, c) in changes.iter().enumerate() {
@@ -310,6 +338,9 @@ impl NetlinkSets {
         &mut self,
         names: &[&'static str],
     ) -> Result<HashMap<&'static str, SetKind>, NetlinkError> {
+        if names.iter().all(|n| self.kinds.contains_key(n)) {
+            return Ok(self.kinds.clone());
+        }
         let mut out = Vec::new();
         let mut asked = HashMap::new();
         for &name in names {
@@ -347,6 +378,7 @@ impl NetlinkSets {
                 }
             }
         }
+        self.kinds.extend(kinds.iter().map(|(k, v)| (*k, *v)));
         Ok(kinds)
     }
 

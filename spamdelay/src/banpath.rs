@@ -111,11 +111,12 @@ pub struct Lifted {
     pub still_covered_by: Option<Cidr>,
 }
 
-/// A register this big is written at most every `SAVE_EVERY` (each write is
-/// the whole file, fsynced); a smaller one after every batch. Bans are in
-/// nftables at once either way: the register is what a reboot restores from.
-const SAVE_ANYWAY_BELOW: usize = 10_000;
-const SAVE_EVERY: Duration = Duration::from_millis(500);
+/// The daemon writes the register (the whole file each time) at most this
+/// often: a lone ban at once, the bans of a busy moment together (`flush`,
+/// called at least as often). Bans are in nftables at once either way: the
+/// register is what a restart or reboot restores from. Writing it after
+/// every batch made a flood cost O(bans²).
+pub const SAVE_EVERY: Duration = Duration::from_millis(200);
 
 pub struct BanPath {
     table: TableSettings,
@@ -129,6 +130,9 @@ pub struct BanPath {
     unsaved: bool,
     /// The background sync of the last write, if still running.
     syncing: Option<tokio::task::JoinHandle<()>>,
+    /// Bans made since the last write: kept if another process (an admin
+    /// command) rewrote the file meanwhile.
+    pending: BTreeMap<Cidr, Ban>,
 }
 
 impl BanPath {
@@ -150,6 +154,7 @@ impl BanPath {
             saved_at: None,
             unsaved: false,
             syncing: None,
+            pending: BTreeMap::new(),
         }
     }
 
@@ -166,6 +171,7 @@ impl BanPath {
             saved_at: None,
             unsaved: false,
             syncing: None,
+            pending: BTreeMap::new(),
         }
     }
 
@@ -242,6 +248,7 @@ impl BanPath {
         wanted: Vec<Wanted>,
         now: u64,
     ) -> Result<Vec<Done>> {
+        self.merge_pending(locked);
         let (plan, mut done) = self.plan(&locked.register, policy, wanted, now);
         if self.dry_run {
             done.extend(plan.into_iter().map(Planned::done));
@@ -272,6 +279,9 @@ impl BanPath {
                 });
             }
             locked.register.bans.insert(p.cidr, p.ban.clone());
+            if self.throttle_saves {
+                self.pending.insert(p.cidr, p.ban.clone());
+            }
             done.push(p.done());
         }
         let lifted = self.applier.apply(&lift).await;
@@ -467,8 +477,7 @@ impl BanPath {
             locked.register.forget_expired(now);
             return locked.save();
         }
-        let due = self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
-        if locked.register.bans.len() < SAVE_ANYWAY_BELOW || due {
+        if self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
             self.write(locked, now)?;
         } else {
             self.unsaved = true;
@@ -476,11 +485,27 @@ impl BanPath {
         Ok(())
     }
 
+    /// Puts back the bans made since the last write when another process
+    /// rewrote the register meanwhile (it read the file without them).
+    fn merge_pending(&mut self, locked: &mut Locked) {
+        if !locked.reread || self.pending.is_empty() {
+            return;
+        }
+        for (cidr, ban) in &self.pending {
+            locked
+                .register
+                .bans
+                .entry(*cidr)
+                .or_insert_with(|| ban.clone());
+        }
+    }
+
     fn write(&mut self, locked: &mut Locked, now: u64) -> Result<()> {
         locked.register.forget_expired(now);
         let path = locked.save_unsynced()?;
         self.saved_at = Some(Instant::now());
         self.unsaved = false;
+        self.pending.clear();
         if self.syncing.as_ref().is_none_or(|t| t.is_finished()) {
             self.syncing = Some(tokio::task::spawn_blocking(move || {
                 if let Err(e) = crate::bans::sync(&path) {
@@ -496,6 +521,7 @@ impl BanPath {
         if !self.unsaved {
             return Ok(());
         }
+        self.merge_pending(locked);
         self.write(locked, now)
     }
 

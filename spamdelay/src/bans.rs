@@ -206,6 +206,9 @@ pub struct Locked {
     _lock: Flock<File>,
     path: PathBuf,
     pub register: Register,
+    /// Whether the file was read (changed by another process, or never
+    /// cached), not the copy this store last wrote or read.
+    pub reread: bool,
     cache: std::sync::Arc<std::sync::Mutex<Option<(Stamp, Register)>>>,
 }
 
@@ -249,6 +252,7 @@ impl Store {
                 _lock: lock,
                 path,
                 register,
+                reread: false,
                 cache: self.cache.clone(),
             };
             return Ok((locked, None));
@@ -276,6 +280,7 @@ impl Store {
                 _lock: lock,
                 path,
                 register,
+                reread: true,
                 cache: self.cache.clone(),
             },
             aside,

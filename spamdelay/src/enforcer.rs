@@ -20,8 +20,9 @@ use crate::{
 
 /// A batch holds at most this many verdicts.
 pub const BATCH_MAX: usize = 512;
-/// How often the table's presence is checked.
-pub const HEAL_EVERY: Duration = Duration::from_millis(500);
+/// How often the table's presence is checked (one netlink round trip) and
+/// the register's deferred bans written.
+pub const HEAL_EVERY: Duration = crate::banpath::SAVE_EVERY;
 
 pub struct Enforcer {
     store: Store,

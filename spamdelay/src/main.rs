@@ -54,6 +54,8 @@ fn main() -> ExitCode {
 /// warnings and errors prefixed like Postfix's.
 fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        // Plain lines: no colour detection and stripping on every record.
+        .write_style(env_logger::WriteStyle::Never)
         .format(|buf, record| match record.level() {
             log::Level::Info => writeln!(buf, "{}", record.args()),
             log::Level::Warn => writeln!(buf, "warning: {}", record.args()),

@@ -137,12 +137,21 @@ fn flood_of_5000_ipv6_early_talkers_bans_every_one() {
         );
     }
 
-    let (ok, out, err) = daemon
-        .admin(&lab.server, &["list", "--json"])
-        .expect("running spamdelay list");
-    assert!(ok, "spamdelay list --json failed: {err}");
-    let rows: Vec<serde_json::Value> =
-        serde_json::from_str(&out).expect("spamdelay list --json prints a JSON array");
+    // The register follows nft within spamdelay's save interval (200 ms).
+    let list = || {
+        let (ok, out, err) = daemon
+            .admin(&lab.server, &["list", "--json"])
+            .expect("running spamdelay list");
+        assert!(ok, "spamdelay list --json failed: {err}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .expect("spamdelay list --json prints a JSON array")
+    };
+    let mut rows = list();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while rows.len() < usize::from(CLIENTS) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        rows = list();
+    }
     let listed: HashSet<String> = rows
         .iter()
         .filter_map(|r| r["address"].as_str().map(str::to_string))

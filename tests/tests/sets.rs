@@ -54,6 +54,21 @@ fn add_net(lab: &Lab, net: u16, n: u16) {
         .expect("a route to the client's /64");
 }
 
+/// The lab's server, a daemon with `extra`, and `n` client addresses in
+/// 2001:db8:0:NET::/64.
+fn with_net(extra: &[&str], net: u16, n: u16) -> Scenario {
+    Scenario::prepared(Greeting::pause(1500), &[25], extra, |lab| {
+        add_net(lab, net, n)
+    })
+}
+
+/// Waits for the daemon's log line that starts with `prefix`.
+fn wait_line(s: &Scenario, prefix: &str) -> String {
+    s.daemon
+        .wait_for(|l| l.starts_with(prefix), VERDICT_WAIT)
+        .unwrap_or_else(|| panic!("no line {prefix:?}: {:#?}", s.daemon.lines()))
+}
+
 fn blind_from(s: &Scenario, src: IpAddr) {
     let dst = SocketAddr::new(Lab::server_addr(true), 25);
     s.lab
@@ -103,33 +118,18 @@ fn the_fifth_address_of_a_64_is_refused_by_the_aggregate_ban() {
     if !privileged("the_fifth_address_of_a_64_is_refused_by_the_aggregate_ban") {
         return;
     }
-    let s = Scenario::prepared(
-        Greeting::pause(1500),
-        &[25],
-        &["--ipv6-aggregate", "4"],
-        |lab| add_net(lab, 0xa, 5),
-    );
+    let s = with_net(&["--ipv6-aggregate", "4"], 0xa, 5);
     for i in 0..3 {
         let src = rotating(0xa, i);
         blind_from(&s, src);
-        let tag = format!("ban [{src}] for 1h");
-        assert!(
-            s.daemon
-                .wait_for(|l| l.starts_with(&tag), VERDICT_WAIT)
-                .is_some(),
-            "{:#?}",
-            s.daemon.lines()
-        );
+        wait_line(&s, &format!("ban [{src}] for 1h"));
     }
     assert_eq!(elements(&s.lab.server, V6).len(), 3);
     assert!(refused_from(&s, rotating(0xa, 0)));
     assert!(!refused_from(&s, rotating(0xa, 4)), "not yet the /64");
     // The fourth address of the /64: the /64 is banned in its place.
     blind_from(&s, rotating(0xa, 3));
-    let line = s
-        .daemon
-        .wait_for(|l| l.starts_with("ban [2001:db8:0:a::]/64"), VERDICT_WAIT)
-        .unwrap_or_else(|| panic!("no /64 ban: {:#?}", s.daemon.lines()));
+    let line = wait_line(&s, "ban [2001:db8:0:a::]/64");
     assert!(
         line.contains("instead of [2001:db8:0:a::13]: 4 addresses of it banned (--ipv6-aggregate)"),
         "{line}"
@@ -175,9 +175,7 @@ fn a_full_set_is_warned_about_once_counted_and_the_register_agrees_with_nft() {
     }
     const SIZE: usize = 16;
     const CLIENTS: u16 = 20;
-    let s = Scenario::prepared(Greeting::pause(1500), &[25], &["--set-size", "16"], |lab| {
-        add_net(lab, 0xb, CLIENTS)
-    });
+    let s = with_net(&["--set-size", "16"], 0xb, CLIENTS);
     for i in 0..CLIENTS {
         blind_from(&s, rotating(0xb, i));
     }
@@ -224,12 +222,7 @@ fn bans_by_hand_count_offences_through_the_policy() {
     if !privileged("bans_by_hand_count_offences_through_the_policy") {
         return;
     }
-    let s = Scenario::prepared(
-        Greeting::pause(1500),
-        &[25],
-        &["--ban-time", "1s", "--remember", "3s"],
-        |lab| add_net(lab, 0xc, 2),
-    );
+    let s = with_net(&["--ban-time", "1s", "--remember", "3s"], 0xc, 2);
     let ban = |addr: IpAddr| {
         let (ok, out, err) = s
             .daemon
@@ -241,14 +234,7 @@ fn bans_by_hand_count_offences_through_the_policy() {
     let (a, b) = (rotating(0xc, 0), rotating(0xc, 1));
     for src in [a, b] {
         blind_from(&s, src);
-        let tag = format!("ban [{src}] for 1s (offence 1)");
-        assert!(
-            s.daemon
-                .wait_for(|l| l.starts_with(&tag), VERDICT_WAIT)
-                .is_some(),
-            "{:#?}",
-            s.daemon.lines()
-        );
+        wait_line(&s, &format!("ban [{src}] for 1s (offence 1)"));
     }
     // Expired, still remembered: a ban by hand is the second offence.
     sleep(Duration::from_millis(1500));

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     allow::Cidr,
-    bans::{Ban, BanSettings, Locked, Register, TableSettings},
+    bans::{Ban, BanSettings, Lengths, Locked, Register, TableSettings},
     netlink::{NetlinkSets, Refusal},
     nft::{self, Change, NftError, V6_NET_PREFIX},
     policy::Policy,
@@ -133,6 +133,12 @@ pub struct BanPath {
     /// Bans made since the last write: kept if another process (an admin
     /// command) rewrote the file meanwhile.
     pending: BTreeMap<Cidr, Ban>,
+    /// The register's prefix lengths, kept up to date rather than counted
+    /// over every ban for every batch (which made a flood O(bans²)).
+    lengths: Option<Lengths>,
+    /// How long the last write took: the next waits ten times as long, so
+    /// writing a big register never takes more than a tenth of the time.
+    write_took: Duration,
 }
 
 impl BanPath {
@@ -155,6 +161,8 @@ impl BanPath {
             unsaved: false,
             syncing: None,
             pending: BTreeMap::new(),
+            lengths: None,
+            write_took: Duration::ZERO,
         }
     }
 
@@ -172,6 +180,8 @@ impl BanPath {
             unsaved: false,
             syncing: None,
             pending: BTreeMap::new(),
+            lengths: None,
+            write_took: Duration::ZERO,
         }
     }
 
@@ -249,7 +259,11 @@ impl BanPath {
         now: u64,
     ) -> Result<Vec<Done>> {
         self.merge_pending(locked);
-        let (plan, mut done) = self.plan(&locked.register, policy, wanted, now);
+        if locked.reread || self.lengths.is_none() {
+            self.lengths = Some(locked.register.lengths());
+        }
+        let lengths = self.lengths.clone().unwrap_or_default();
+        let (plan, mut done) = self.plan(&locked.register, &lengths, policy, wanted, now);
         if self.dry_run {
             done.extend(plan.into_iter().map(Planned::done));
             return Ok(done);
@@ -279,6 +293,9 @@ impl BanPath {
                 });
             }
             locked.register.bans.insert(p.cidr, p.ban.clone());
+            if let Some(l) = &mut self.lengths {
+                l.add(&p.cidr);
+            }
             if self.throttle_saves {
                 self.pending.insert(p.cidr, p.ban.clone());
             }
@@ -299,18 +316,18 @@ impl BanPath {
     fn plan(
         &self,
         register: &Register,
+        lengths: &Lengths,
         policy: &Policy,
         wanted: Vec<Wanted>,
         now: u64,
     ) -> (Vec<Planned>, Vec<Done>) {
-        let lengths = register.lengths();
         let mut plan: Vec<Planned> = Vec::new();
         let mut done = Vec::new();
         for w in wanted {
             if plan.iter().any(|p| p.cidr == w.cidr) {
                 continue;
             }
-            if let Some((by, b)) = register.covering_in(&lengths, &w.cidr, now) {
+            if let Some((by, b)) = register.covering_in(lengths, &w.cidr, now) {
                 let long_enough = match w.term {
                     Term::Sentence => true,
                     // A manual re-ban of the same element refreshes it.
@@ -477,12 +494,18 @@ impl BanPath {
             locked.register.forget_expired(now);
             return locked.save();
         }
-        if self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
+        if self.write_due() {
             self.write(locked, now)?;
         } else {
             self.unsaved = true;
         }
         Ok(())
+    }
+
+    /// Whether the register may be written now (see `write_took`).
+    fn write_due(&self) -> bool {
+        let wait = SAVE_EVERY.max(self.write_took * 10);
+        self.saved_at.is_none_or(|t| t.elapsed() >= wait)
     }
 
     /// Puts back the bans made since the last write when another process
@@ -501,8 +524,10 @@ impl BanPath {
     }
 
     fn write(&mut self, locked: &mut Locked, now: u64) -> Result<()> {
+        let started = Instant::now();
         locked.register.forget_expired(now);
         let path = locked.save_unsynced()?;
+        self.write_took = started.elapsed();
         self.saved_at = Some(Instant::now());
         self.unsaved = false;
         self.pending.clear();
@@ -516,9 +541,10 @@ impl BanPath {
         Ok(())
     }
 
-    /// Writes bans a busy flood left unsaved.
-    pub fn flush(&mut self, locked: &mut Locked, now: u64) -> Result<()> {
-        if !self.unsaved {
+    /// Writes bans a busy moment left unsaved, once their wait is over (or
+    /// at once, `now_or_never`, when the daemon stops).
+    pub fn flush(&mut self, locked: &mut Locked, now: u64, now_or_never: bool) -> Result<()> {
+        if !self.unsaved || !(now_or_never || self.write_due()) {
             return Ok(());
         }
         self.merge_pending(locked);

@@ -182,6 +182,21 @@ pub struct Lengths {
     v6: Vec<u8>,
 }
 
+impl Lengths {
+    /// Notes the length of a ban added since (a length no longer in use
+    /// costs a lookup, never a wrong answer).
+    pub fn add(&mut self, cidr: &Cidr) {
+        let v = if cidr.is_ipv4() {
+            &mut self.v4
+        } else {
+            &mut self.v6
+        };
+        if !v.contains(&cidr.prefix_len()) {
+            v.push(cidr.prefix_len());
+        }
+    }
+}
+
 /// The state directory and its lock. Keeps the register it last read or
 /// wrote: while the file is unchanged (nobody else wrote it), locking it
 /// again costs no parse, which matters with 100,000 bans and a batch every

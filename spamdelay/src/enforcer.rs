@@ -86,7 +86,7 @@ impl Enforcer {
                         if let Err(e) = self.pass_cache.flush(bans::now(), !self.dry_run) {
                             error!("writing the pass cache: {e:#}");
                         }
-                        if let Err(e) = self.save_register() {
+                        if let Err(e) = self.save_register(true) {
                             error!("writing the ban register: {e:#}");
                         }
                         return;
@@ -107,7 +107,7 @@ impl Enforcer {
                     if self.dry_run {
                         continue;
                     }
-                    if let Err(e) = self.save_register() {
+                    if let Err(e) = self.save_register(false) {
                         error!("writing the ban register: {e:#}");
                     }
                     if let Err(e) = self.heal().await {
@@ -190,13 +190,13 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Writes bans a busy flood left unsaved.
-    fn save_register(&mut self) -> Result<()> {
+    /// Writes bans a busy moment left unsaved (`at_exit`: whatever the wait).
+    fn save_register(&mut self, at_exit: bool) -> Result<()> {
         if !self.path.unsaved() {
             return Ok(());
         }
         let (mut locked, _) = self.store.lock()?;
-        self.path.flush(&mut locked, bans::now())
+        self.path.flush(&mut locked, bans::now(), at_exit)
     }
 
     /// Rebuilds the table if someone removed it.

@@ -150,7 +150,13 @@ fn the_fifth_address_of_a_64_is_refused_by_the_aggregate_ban() {
         refused_from(&s, rotating(0xa, 4)),
         "the fifth address is refused by the /64 ban"
     );
-    assert_eq!(listed(&s), ["2001:db8:0:a::/64"]);
+    // The register follows within the daemon's save interval (200 ms).
+    assert!(
+        until(Duration::from_secs(2), || listed(&s)
+            == ["2001:db8:0:a::/64"]),
+        "{:?}",
+        listed(&s)
+    );
     sleep(Duration::from_millis(1200)); // the status file is refreshed each second
     assert_eq!(
         status_json(&s)["daemon"]["daemon_counters"]["aggregated"],
@@ -209,11 +215,18 @@ fn a_full_set_is_warned_about_once_counted_and_the_register_agrees_with_nft() {
     assert!(warnings[0].contains("raise --set-size"), "{}", warnings[0]);
     let in_nft = elements(&s.lab.server, V6);
     assert_eq!(in_nft.len(), SIZE);
-    let mut registered = listed(&s);
     let mut held: Vec<String> = in_nft.iter().map(|e| format!("{}/128", e.addr)).collect();
-    registered.sort();
     held.sort();
-    assert_eq!(registered, held, "the register claims only what nft holds");
+    let registered = || {
+        let mut r = listed(&s);
+        r.sort();
+        r
+    };
+    assert!(
+        until(Duration::from_secs(2), || registered() == held),
+        "the register claims only what nft holds: {:?} vs {held:?}",
+        registered()
+    );
     s.stop();
 }
 

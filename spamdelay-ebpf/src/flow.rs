@@ -113,18 +113,24 @@ fn in_window(seq: u32, end: u32, s: u32, e: u32) -> bool {
 #[inline(always)]
 pub fn from_server(ctx: &TcContext, seg: &Segment) {
     count(Stat::Packets);
-    let key = key(&seg.dst, &seg.src, seg.dport, seg.sport, seg.family);
+    let closing = seg.has(TCP_FIN) || seg.has(TCP_RST);
     if seg.has(TCP_SYN) {
         if seg.has(TCP_ACK) && !seg.fragment() {
+            let key = key(&seg.dst, &seg.src, seg.dport, seg.sport, seg.family);
             syn_ack(ctx, &key, seg);
         }
         return;
     }
+    // Neither greeting bytes nor a close: whatever the flow's state, this
+    // segment changes nothing, so it costs no lookup.
+    if seg.payload_len == 0 && !seg.fragment() && !closing {
+        return;
+    }
+    let key = key(&seg.dst, &seg.src, seg.dport, seg.sport, seg.family);
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         return;
     };
     let flow = unsafe { &mut *flow };
-    let closing = seg.has(TCP_FIN) || seg.has(TCP_RST);
     if flow.state == STATE_GREETING && (seg.payload_len > 0 || seg.fragment()) {
         // The server's own segments are never fragmented in practice (it
         // sizes them by path MTU); one that is cannot be followed byte by byte.
@@ -352,6 +358,16 @@ fn handshake(ctx: &TcContext, key: &FlowKey, half: &HalfOpen, seg: &Segment) {
         return;
     }
     count(Stat::FlowsTracked);
+    // The usual handshake ACK (no data, no close) changes nothing in the new
+    // flow: no second lookup for it.
+    if half.syn_data == 0
+        && seg.payload_len == 0
+        && !seg.fragment()
+        && !seg.has(TCP_FIN)
+        && !seg.has(TCP_RST)
+    {
+        return;
+    }
     let Some(flow) = FLOWS.get_ptr_mut(key) else {
         return;
     };
@@ -622,7 +638,15 @@ fn client_addr(key: &FlowKey) -> ClientAddr {
 #[inline(always)]
 fn remember_pass(key: &FlowKey) {
     let expires = unsafe { bpf_ktime_get_boot_ns() }.wrapping_add(pass_ttl_ns());
-    let _ = PASSERS.insert(&client_addr(key), &expires, 0);
+    let addr = client_addr(key);
+    // A client that passed before (any regular sender) is renewed in place:
+    // an LRU insert takes a fresh element and frees the old one, several
+    // times the cost of the lookup.
+    if let Some(old) = PASSERS.get_ptr_mut(&addr) {
+        unsafe { *old = expires };
+        return;
+    }
+    let _ = PASSERS.insert(&addr, &expires, 0);
 }
 
 /// When the client passed before (CLOCK_BOOTTIME ns), if the MTA advertises

@@ -25,13 +25,23 @@ use parse::{Dir, Packet};
 /// early talker's new SYNs until its ban is in place (`--bridge-time`).
 #[classifier]
 pub fn spamdelay_ingress(ctx: TcContext) -> i32 {
-    match parse::packet(&ctx, Dir::FromClient) {
+    // Most traffic leaves here, before the call into the (large, so not
+    // inlined) rest and its stack frame.
+    if !parse::may_be_watched(&ctx, Dir::FromClient) {
+        return TC_ACT_UNSPEC;
+    }
+    ingress(&ctx)
+}
+
+#[inline(never)]
+fn ingress(ctx: &TcContext) -> i32 {
+    match parse::packet(ctx, Dir::FromClient) {
         Some(Packet::Segment(seg)) => {
-            if flow::from_client(&ctx, &seg) == Fate::Drop {
+            if flow::from_client(ctx, &seg) == Fate::Drop {
                 return TC_ACT_SHOT;
             }
         }
-        Some(Packet::Tail(tail)) => flow::tcp_tail(&ctx, &tail),
+        Some(Packet::Tail(tail)) => flow::tcp_tail(ctx, &tail),
         None => {}
     }
     TC_ACT_UNSPEC

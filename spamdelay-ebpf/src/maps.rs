@@ -139,13 +139,7 @@ pub fn count(stat: Stat) {
 #[inline(always)]
 pub fn watched(port: u16) -> bool {
     // Volatile: the loader rewrites PORTS, so the compiler must not fold it.
-    let ports = unsafe { core::ptr::read_volatile(&PORTS) };
-    ports[0] == port
-        || ports[1] == port
-        || ports[2] == port
-        || ports[3] == port
-        || ports[4] == port
-        || ports[5] == port
-        || ports[6] == port
-        || ports[7] == port
+    // One slot at a time: a match stops early, and nothing is kept aside.
+    let ports = PORTS.as_ptr();
+    (0..MAX_PORTS).any(|i| unsafe { core::ptr::read_volatile(ports.add(i)) } == port)
 }

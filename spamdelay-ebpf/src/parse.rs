@@ -145,6 +145,30 @@ pub fn skb_bytes<const N: usize>(
     ret == 0
 }
 
+/// The first `len` bytes (1 to `N`) at `off` into `out`, for the `bpf_loop`
+/// callbacks: a short last chunk is read without reading past the packet.
+#[inline(always)]
+pub fn skb_bytes_upto<const N: usize>(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    off: u32,
+    out: &mut [u8; N],
+    len: u64,
+) -> bool {
+    // The verifier needs the length bounded and non-zero, whatever the caller.
+    if len == 0 || len > N as u64 {
+        return false;
+    }
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            skb as *const c_void,
+            off,
+            out.as_mut_ptr().cast(),
+            len as u32,
+        )
+    };
+    ret == 0
+}
+
 /// Copies `want` (at most `PAYLOAD_CAPTURE`) bytes from `off` into `out`;
 /// returns how many were copied.
 #[inline(always)]
@@ -196,6 +220,9 @@ fn network(ctx: &TcContext) -> Option<(u16, usize)> {
 /// options, no extension headers) reads only fixed offsets directly.
 #[inline(always)]
 pub fn packet(ctx: &TcContext, dir: Dir) -> Option<Packet> {
+    if !may_be_watched(ctx, dir) {
+        return None;
+    }
     let (proto, l3) = network(ctx)?;
     let ip = match proto {
         ETH_P_IP => ipv4(ctx, l3)?,
@@ -218,6 +245,46 @@ pub fn packet(ctx: &TcContext, dir: Dir) -> Option<Packet> {
         }));
     }
     segment(ctx, dir, l3, &ip).map(Packet::Segment)
+}
+
+/// The early exit for most traffic: in the usual frame (untagged, IPv4
+/// without options and not a later fragment, or IPv6 without extension
+/// headers) one bounds check reads everything up to the ports, and TCP that
+/// is not to or from a watched port (or anything but TCP) leaves here.
+/// Anything else is left to the full parse: true means "maybe".
+#[inline(always)]
+pub fn may_be_watched(ctx: &TcContext, dir: Dir) -> bool {
+    let Some(proto) = be16(ctx, 12) else {
+        return false;
+    };
+    // The ports' offset in the TCP header: the server's side.
+    let at = if dir == Dir::FromClient { 2 } else { 0 };
+    let port = match proto {
+        ETH_P_IP => {
+            let Some(h) = read::<[u8; 24]>(ctx, ETH_HLEN) else {
+                return true;
+            };
+            // Version 4, no options; a fragment past the first has no ports.
+            if h[0] != 0x45 || h[6] & 0x1f != 0 || h[7] != 0 {
+                return true;
+            }
+            if h[9] != IPPROTO_TCP {
+                return false;
+            }
+            u16::from_be_bytes([h[20 + at], h[21 + at]])
+        }
+        ETH_P_IPV6 => {
+            let Some(h) = read::<[u8; 44]>(ctx, ETH_HLEN) else {
+                return true;
+            };
+            if h[6] != IPPROTO_TCP {
+                return true;
+            }
+            u16::from_be_bytes([h[40 + at], h[41 + at]])
+        }
+        _ => return true,
+    };
+    watched(port)
 }
 
 #[inline(always)]

@@ -1,11 +1,12 @@
 //! `cargo xtask bench [--quick]`: spamdelay measured against baselines in a
 //! namespace lab, each comparison alternated A/B in rounds within one run so
 //! a noisy machine shows up as spread rather than as a fake result. Prints a
-//! markdown table, writes JSON to target/bench/, and exits non-zero only when
-//! a measurement could not run, never because of a number.
+//! markdown table, writes JSON and SVG plots to target/bench/, and exits
+//! non-zero only when a measurement could not run, never because of a number.
 
 mod load;
 mod phases;
+mod plot;
 mod report;
 mod rounds;
 
@@ -25,7 +26,8 @@ use spamdelay_tests::daemon;
 use crate::{
     load::check_tools,
     phases::{PHASES, Plan},
-    report::{Row, Verdict, commit, kernel_release, markdown, write_json},
+    plot::Samples,
+    report::{Row, Verdict, bench_dir, commit, kernel_release, markdown, write_json},
 };
 
 /// spamdelay measured against baselines in a namespace lab, A/B in rounds.
@@ -41,7 +43,7 @@ struct Args {
     quick: bool,
     /// Run only these measurements, e.g. `--only 1,4` (1 kernel cost,
     /// 2 throughput, 3 SMTP connection rate, 4 time to ban, 5 flood scale,
-    /// 6 fail2ban).
+    /// 6 fail2ban, 7 bridge block).
     #[arg(long, value_name = "N[,N...]", value_delimiter = ',', value_parser = phase_number)]
     only: Option<Vec<u8>>,
 }
@@ -112,6 +114,7 @@ fn run(quick: bool, only: Option<Vec<u8>>) -> Result<ExitCode> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let mut phases = serde_json::Map::new();
+    let mut samples = Samples::default();
     let mut failed = false;
     for (n, name, phase) in PHASES {
         if only.as_ref().is_some_and(|o| !o.contains(&n)) {
@@ -129,6 +132,7 @@ fn run(quick: bool, only: Option<Vec<u8>>) -> Result<ExitCode> {
                     r
                 }));
                 notes.extend(out.notes.into_iter().map(|s| format!("{n}. {s}")));
+                samples.merge(out.samples);
                 let mut detail = out.detail;
                 detail.insert("seconds".into(), json!(t.elapsed().as_secs_f64()));
                 phases.insert(format!("{n}"), Value::Object(detail));
@@ -169,8 +173,22 @@ fn run(quick: bool, only: Option<Vec<u8>>) -> Result<ExitCode> {
         "notes": notes,
         "phases": phases,
     });
-    let path = write_json(&doc, started)?;
+    let dir = bench_dir()?;
+    let path = write_json(&dir, &doc, started)?;
     println!("\nJSON: {}", path.display());
+    // The numbers are out by now: a plot that cannot be drawn only fails
+    // the run.
+    match plot::write(&dir, &samples) {
+        Ok(svgs) => {
+            for svg in svgs {
+                println!("SVG: {}", svg.display());
+            }
+        }
+        Err(e) => {
+            failed = true;
+            eprintln!("bench: no plots: {e:#}");
+        }
+    }
     Ok(if failed {
         ExitCode::FAILURE
     } else {

@@ -1,11 +1,16 @@
 //! The report: table rows and their verdicts, the markdown table on stdout,
 //! and the JSON document (with the commit and kernel measured) in target/bench/.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use spamdelay_tests::bench::Spread;
+
+use crate::plot::Samples;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -80,12 +85,14 @@ impl Row {
     }
 }
 
-/// What one measurement produced: table rows, its raw figures, notes.
+/// What one measurement produced: table rows, its raw figures, notes, and
+/// the samples it has for the plots.
 #[derive(Default)]
 pub(crate) struct Outcome {
     pub(crate) rows: Vec<Row>,
     pub(crate) detail: serde_json::Map<String, Value>,
     pub(crate) notes: Vec<String>,
+    pub(crate) samples: Samples,
 }
 
 /// The workspace's commit, `+dirty` with uncommitted changes: what was
@@ -115,11 +122,17 @@ pub(crate) fn kernel_release() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-pub(crate) fn write_json(doc: &Value, started: u64) -> Result<PathBuf> {
+/// Where the JSON and the plots go: `SPAMDELAY_BENCH_DIR` (set by `cargo
+/// xtask bench`) or target/bench; created if missing.
+pub(crate) fn bench_dir() -> Result<PathBuf> {
     let dir = std::env::var_os("SPAMDELAY_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+pub(crate) fn write_json(dir: &Path, doc: &Value, started: u64) -> Result<PathBuf> {
     let text = serde_json::to_string_pretty(doc)?;
     let path = dir.join(format!("bench-{started}.json"));
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;

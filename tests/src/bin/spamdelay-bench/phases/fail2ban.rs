@@ -24,6 +24,7 @@ use crate::{
         stop_daemon,
     },
     phases::Plan,
+    plot::Cdf,
     report::{Outcome, Ratio, Row, Verdict},
 };
 
@@ -130,6 +131,14 @@ pub(crate) fn versus_fail2ban(plan: &Plan) -> Result<Outcome> {
             "connect_errors": sent.errors,
         }),
     );
+    out.samples.time_to_ban.push(Cdf {
+        label: format!(
+            "fail2ban (postscreen log → nft), {} clients at {:.0}/s",
+            sent.at.len(),
+            plan.f2b_rate
+        ),
+        ms: f2b_ms,
+    });
     drop(postfix);
     Ok(out)
 }

@@ -1,6 +1,7 @@
-//! The six measurements, each in a file of its own, in the order they run,
+//! The seven measurements, each in a file of its own, in the order they run,
 //! and the plan that sizes them (`--quick` or the full run).
 
+mod bridge;
 mod connection_rate;
 mod fail2ban;
 mod flood;
@@ -34,6 +35,9 @@ pub(crate) struct Plan {
     /// fail2ban side by side: clients and their rate.
     f2b_clients: u32,
     f2b_rate: f64,
+    /// Bridge block: blind clients that reconnect at once, and their rate.
+    bridge_clients: u32,
+    bridge_rate: f64,
 }
 
 impl Plan {
@@ -46,11 +50,13 @@ impl Plan {
                 kernel_sessions: 300,
                 rate_secs: 1.0,
                 ttb_clients: 1000,
-                ttb_rate: 250.0,
+                ttb_rate: 100.0,
                 flood_clients: 10_000,
                 flood_wait: Duration::from_secs(60),
                 f2b_clients: 30,
                 f2b_rate: 10.0,
+                bridge_clients: 1000,
+                bridge_rate: 200.0,
             }
         } else {
             Plan {
@@ -65,6 +71,8 @@ impl Plan {
                 flood_wait: Duration::from_secs(150),
                 f2b_clients: 80,
                 f2b_rate: 10.0,
+                bridge_clients: 1000,
+                bridge_rate: 100.0,
             }
         }
     }
@@ -72,11 +80,12 @@ impl Plan {
 
 type Phase = fn(&Plan) -> Result<Outcome>;
 
-pub(crate) const PHASES: [(u8, &str, Phase); 6] = [
+pub(crate) const PHASES: [(u8, &str, Phase); 7] = [
     (1, "kernel cost per packet", kernel_cost::kernel_cost),
     (2, "throughput", throughput::throughput),
     (3, "SMTP connection rate", connection_rate::connection_rate),
     (4, "time to ban", time_to_ban::time_to_ban),
     (5, "flood scale", flood::flood_scale),
     (6, "side by side with fail2ban", fail2ban::versus_fail2ban),
+    (7, "bridge block", bridge::bridge_block),
 ];

@@ -25,6 +25,7 @@ use crate::{
         prepare_many_clients, rate_of, start_daemon, stop_daemon,
     },
     phases::Plan,
+    plot::Cdf,
     report::{Outcome, Ratio, Row, Verdict},
 };
 
@@ -63,7 +64,6 @@ pub(crate) fn time_to_ban(plan: &Plan) -> Result<Outcome> {
     let nft_ms = nft_run_ms(&lab)?;
 
     let mut out = Outcome::default();
-    let p99 = percentile(&sorted(&modest_ms), 99.0);
     out.rows.push(Row {
         metric: format!(
             "time to ban, first payload → element seen by `nft monitor`, {} clients at {:.0}/s",
@@ -73,21 +73,31 @@ pub(crate) fn time_to_ban(plan: &Plan) -> Result<Outcome> {
         a: delay_cell(&modest_ms),
         b: "—".into(),
         ratio: Ratio::None,
-        target: "p99 ≤ 5 ms".into(),
-        verdict: if modest_ms.is_empty() {
-            Verdict::Failed
-        } else {
-            Verdict::of(p99 <= 5.0 && modest_missing == 0)
-        },
+        target: format!("p99 ≤ {MODEST_P99_MS} ms, none missed"),
+        verdict: p99_verdict(&modest_ms, modest_missing, MODEST_P99_MS),
     });
-    out.rows.push(Row::info(
-        format!(
+    out.rows.push(Row {
+        metric: format!(
             "time to ban, {} clients at once ({} connections/s)",
             burst.at.len(),
             rate_of(&burst)
         ),
-        delay_cell(&burst_ms),
-    ));
+        a: delay_cell(&burst_ms),
+        b: "—".into(),
+        ratio: Ratio::None,
+        target: format!("p99 ≤ {BURST_P99_MS} ms, none missed"),
+        verdict: p99_verdict(&burst_ms, burst_missing, BURST_P99_MS),
+    });
+    out.samples.time_to_ban.extend([
+        Cdf {
+            label: format!("spamdelay → nft, {n} clients at {:.0}/s", plan.ttb_rate),
+            ms: modest_ms.clone(),
+        },
+        Cdf {
+            label: format!("spamdelay → nft, {n} clients at once"),
+            ms: burst_ms.clone(),
+        },
+    ]);
     for (what, missing, sent) in [
         ("at the modest rate", modest_missing, &modest),
         ("in the burst", burst_missing, &burst),
@@ -101,7 +111,7 @@ pub(crate) fn time_to_ban(plan: &Plan) -> Result<Outcome> {
         }
     }
     out.notes.push(format!(
-        "time to ban: {transactions} nft transactions for {} bans; a lone verdict goes to nft at once, and the verdicts that arrive during one transaction make up the next batch (at most {}); one `nft -j -f -` run adding one element to a small set takes {nft_ms:.1} ms here (median of {NFT_PROBE_RUNS}), the floor of every ban's latency",
+        "time to ban: {transactions} nft transactions for {} bans; a lone verdict goes to nft at once, and the verdicts that arrive during one transaction make up the next batch (at most {}); the daemon writes its elements over netlink in process; for comparison, one `nft -j -f -` run adding one element to a small set takes {nft_ms:.1} ms here (median of {NFT_PROBE_RUNS}), what a ban would cost through an `nft` child",
         modest_ms.len() + burst_ms.len(),
         spamdelay::enforcer::BATCH_MAX
     ));
@@ -123,13 +133,25 @@ pub(crate) fn time_to_ban(plan: &Plan) -> Result<Outcome> {
     Ok(out)
 }
 
+/// Targets: p99 of the time to ban at a modest rate, and in a burst.
+const MODEST_P99_MS: f64 = 1.0;
+const BURST_P99_MS: f64 = 10.0;
+
+/// Met when every client was banned and the p99 is within `max_ms`.
+fn p99_verdict(ms: &[f64], missing: usize, max_ms: f64) -> Verdict {
+    if ms.is_empty() {
+        return Verdict::Failed;
+    }
+    Verdict::of(missing == 0 && percentile(&sorted(ms), 99.0) <= max_ms)
+}
+
 const NFT_PROBE_RUNS: usize = 10;
 
 /// How long one `nft -j -f -` run takes here to add one element (with a
 /// timeout and a comment, as spamdelay's bans have) to a small set in a
-/// scratch table of the server namespace: the fixed part of every ban's
-/// latency (a process, its JSON, one netlink transaction). Milliseconds,
-/// median.
+/// scratch table of the server namespace: what a ban costs through an `nft`
+/// child (a process, its JSON, one netlink transaction), against the
+/// daemon's own netlink batches. Milliseconds, median.
 fn nft_run_ms(lab: &Lab) -> Result<f64> {
     const TABLE: &str = "spamdelay_bench_probe";
     nft::nft(

@@ -270,17 +270,12 @@ pub async fn status(store: &Store, dir: &Path, json: bool) -> Result<()> {
         refused
     );
     if let Some(d) = &report.daemon {
-        let counters: BTreeMap<&str, u64> =
-            d.counters.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        let line: Vec<String> = counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("kernel: {}", line.join(" "));
+        let of = |m: &BTreeMap<String, u64>| {
+            crate::metrics::pairs(m.iter().map(|(k, v)| (k.as_str(), *v)))
+        };
+        println!("kernel: {}", of(&d.counters));
         if !d.daemon_counters.is_empty() {
-            let own: Vec<String> = d
-                .daemon_counters
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            println!("bans made: {}", own.join(" "));
+            println!("bans made: {}", of(&d.daemon_counters));
         }
     }
     Ok(())

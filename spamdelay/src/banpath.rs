@@ -150,13 +150,35 @@ impl BanPath {
         dry_run: bool,
         counters: Arc<Counters>,
     ) -> Self {
+        Self::new(table, settings, dry_run, counters, true)
+    }
+
+    /// An admin command's path, with the settings the daemon last wrote.
+    pub fn admin(register: &Register) -> Self {
+        let counters = Arc::new(Counters::default());
+        Self::new(
+            register.table.clone(),
+            register.settings.clone(),
+            false,
+            counters,
+            false,
+        )
+    }
+
+    fn new(
+        table: TableSettings,
+        settings: BanSettings,
+        dry_run: bool,
+        counters: Arc<Counters>,
+        throttle_saves: bool,
+    ) -> Self {
         BanPath {
             table,
             settings,
             dry_run,
             applier: Applier::new(counters.clone()),
             counters,
-            throttle_saves: true,
+            throttle_saves,
             saved_at: None,
             unsaved: false,
             syncing: None,
@@ -164,33 +186,6 @@ impl BanPath {
             lengths: None,
             write_took: Duration::ZERO,
         }
-    }
-
-    /// An admin command's path, with the settings the daemon last wrote.
-    pub fn admin(register: &Register) -> Self {
-        let counters = Arc::new(Counters::default());
-        BanPath {
-            table: register.table.clone(),
-            settings: register.settings.clone(),
-            dry_run: false,
-            applier: Applier::new(counters.clone()),
-            counters,
-            throttle_saves: false,
-            saved_at: None,
-            unsaved: false,
-            syncing: None,
-            pending: BTreeMap::new(),
-            lengths: None,
-            write_took: Duration::ZERO,
-        }
-    }
-
-    pub fn counters(&self) -> &Arc<Counters> {
-        &self.counters
-    }
-
-    pub fn table(&self) -> &TableSettings {
-        &self.table
     }
 
     /// Creates the table (afresh if its sets were made with other settings)
@@ -374,18 +369,11 @@ impl BanPath {
         reason: String,
         now: u64,
     ) -> Ban {
-        let sentence = policy.sentence(register.bans.get(cidr), now);
-        let duration = match term {
-            Term::Sentence => sentence.duration,
-            Term::Fixed(t) => t,
-        };
-        let expires = now.saturating_add(duration.as_secs());
-        Ban {
-            expires,
-            reason: nft::comment(&reason),
-            offences: sentence.offences,
-            remember_until: expires.saturating_add(self.settings.remember_secs),
+        let mut sentence = policy.sentence(register.bans.get(cidr), now);
+        if let Term::Fixed(t) = term {
+            sentence.duration = t;
         }
+        policy.ban(&sentence, nft::comment(&reason), now)
     }
 
     /// `--ipv6-aggregate K`: once K distinct addresses of one /64 are

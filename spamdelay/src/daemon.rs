@@ -286,12 +286,10 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         status.set_counters(&counts);
     }
     status.daemon_counters = counters.snapshot();
-    let own: Vec<String> = status
-        .daemon_counters
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    info!("bans made: {}", own.join(" "));
+    info!(
+        "bans made: {}",
+        metrics::pairs(status.daemon_counters.iter().map(|(k, v)| (k.as_str(), *v)))
+    );
     status.running = false;
     status.updated = bans::now();
     if let Err(e) = status.write(&state_dir) {

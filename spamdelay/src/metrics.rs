@@ -23,9 +23,15 @@ pub fn sum<T: std::borrow::Borrow<MapData>>(
 
 /// `name=value` pairs, as the daemon logs them.
 pub fn line(stats: &[(Stat, u64)]) -> String {
-    stats
-        .iter()
-        .map(|(s, v)| format!("{}={v}", s.name()))
+    pairs(stats.iter().map(|(s, v)| (s.name(), *v)))
+}
+
+/// `name=value name=value ...`: every counter line the daemon and
+/// `spamdelay status` print.
+pub fn pairs<'a>(counters: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+    counters
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(" ")
 }

@@ -227,8 +227,13 @@ impl Lab {
     /// Whether a new connection from client address `i` to the server's port
     /// 25 is refused (a TCP reset: what a ban with `--action reject` does).
     pub fn refused(&self, i: u8, v6: bool) -> bool {
-        let src = Self::client_addr(i, v6);
-        let dst = std::net::SocketAddr::new(Self::server_addr(v6), 25);
+        self.refused_from(Self::client_addr(i, v6))
+    }
+
+    /// Whether a new connection from `src` (any address the client
+    /// namespace holds) to the server's port 25 is refused with a reset.
+    pub fn refused_from(&self, src: IpAddr) -> bool {
+        let dst = std::net::SocketAddr::new(Self::server_addr(src.is_ipv6()), 25);
         match self
             .client
             .run(move || crate::smtp::connect(src, dst))

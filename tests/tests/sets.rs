@@ -78,20 +78,6 @@ fn blind_from(s: &Scenario, src: IpAddr) {
         .expect("a blind client");
 }
 
-/// Whether a new connection from `src` is refused with a reset.
-fn refused_from(s: &Scenario, src: IpAddr) -> bool {
-    let dst = SocketAddr::new(Lab::server_addr(true), 25);
-    match s
-        .lab
-        .client
-        .run(move || smtp::connect(src, dst))
-        .expect("entering the client namespace")
-    {
-        Ok(_) => false,
-        Err(e) => format!("{e:#}").contains("refused"),
-    }
-}
-
 fn status_json(s: &Scenario) -> Value {
     let (ok, out, err) = s
         .daemon
@@ -125,8 +111,8 @@ fn the_fifth_address_of_a_64_is_refused_by_the_aggregate_ban() {
         wait_line(&s, &format!("ban [{src}] for 1h"));
     }
     assert_eq!(elements(&s.lab.server, V6).len(), 3);
-    assert!(refused_from(&s, rotating(0xa, 0)));
-    assert!(!refused_from(&s, rotating(0xa, 4)), "not yet the /64");
+    assert!(s.lab.refused_from(rotating(0xa, 0)));
+    assert!(!s.lab.refused_from(rotating(0xa, 4)), "not yet the /64");
     // The fourth address of the /64: the /64 is banned in its place.
     blind_from(&s, rotating(0xa, 3));
     let line = wait_line(&s, "ban [2001:db8:0:a::]/64");
@@ -147,7 +133,7 @@ fn the_fifth_address_of_a_64_is_refused_by_the_aggregate_ban() {
         elements(&s.lab.server, V6)
     );
     assert!(
-        refused_from(&s, rotating(0xa, 4)),
+        s.lab.refused_from(rotating(0xa, 4)),
         "the fifth address is refused by the /64 ban"
     );
     // The register follows within the daemon's save interval (200 ms).
@@ -170,7 +156,7 @@ fn the_fifth_address_of_a_64_is_refused_by_the_aggregate_ban() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "unbanned [2001:db8:0:a::]/64");
     assert!(elements(&s.lab.server, V6_64).is_empty());
-    assert!(!refused_from(&s, rotating(0xa, 4)));
+    assert!(!s.lab.refused_from(rotating(0xa, 4)));
     s.stop();
 }
 
@@ -255,6 +241,6 @@ fn bans_by_hand_count_offences_through_the_policy() {
     // Expired and forgotten (1 s ban + 3 s remembered): the first again.
     sleep(Duration::from_secs(3));
     assert_eq!(ban(b).trim(), format!("banned [{b}] for 1h (offence 1)"));
-    assert!(refused_from(&s, a) && refused_from(&s, b));
+    assert!(s.lab.refused_from(a) && s.lab.refused_from(b));
     s.stop();
 }

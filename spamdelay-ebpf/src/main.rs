@@ -50,6 +50,10 @@ fn ingress(ctx: &TcContext) -> i32 {
 /// Server to client.
 #[classifier]
 pub fn spamdelay_egress(ctx: TcContext) -> i32 {
+    // The same early exit as ingress's, once per packet.
+    if !parse::may_be_watched(&ctx, Dir::FromServer) {
+        return TC_ACT_UNSPEC;
+    }
     if let Some(Packet::Segment(seg)) = parse::packet(&ctx, Dir::FromServer) {
         flow::from_server(&ctx, &seg);
     }

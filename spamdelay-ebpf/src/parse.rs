@@ -218,11 +218,9 @@ fn network(ctx: &TcContext) -> Option<(u16, usize)> {
 /// whose server side (destination for `FromClient`, source for
 /// `FromServer`) is a watched port. The common case (no VLAN tag, no IP
 /// options, no extension headers) reads only fixed offsets directly.
+/// Both programs call `may_be_watched` first, once.
 #[inline(always)]
 pub fn packet(ctx: &TcContext, dir: Dir) -> Option<Packet> {
-    if !may_be_watched(ctx, dir) {
-        return None;
-    }
     let (proto, l3) = network(ctx)?;
     let ip = match proto {
         ETH_P_IP => ipv4(ctx, l3)?,

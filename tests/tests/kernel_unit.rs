@@ -296,6 +296,45 @@ fn greeting_split_across_segments_then_silence_is_pass() {
     k.expect_none("talk after the greeting");
 }
 
+/// The kernel reads the server's stream in 64-byte chunks: a greeting whose
+/// final line (or its CR LF) lands on every offset around the chunk
+/// boundaries is still recognised, and teaser lines as long are not taken
+/// for it.
+#[test]
+fn long_greetings_are_followed_across_read_chunks() {
+    if !privileged("long_greetings_are_followed_across_read_chunks") {
+        return;
+    }
+    let mut k = Kernel::load();
+    for (n, pad) in (50..80).chain(110..140).chain(1000..1010).enumerate() {
+        // "220-aaa...\r\n" then "220 ok\r\n": the final line starts at pad + 6.
+        let mut greeting = b"220-".to_vec();
+        greeting.extend(std::iter::repeat_n(b'a', pad));
+        greeting.extend_from_slice(b"\r\n");
+        let teaser_len = greeting.len();
+        greeting.extend_from_slice(b"220 ok\r\n");
+        let port = 41000 + n;
+        let conv = Conversation::v4(&format!("198.51.100.5:{port}"));
+        conv.handshake(&k);
+        k.server_sends(&conv.server_data(0, &greeting[..teaser_len]));
+        k.expect_none(&format!("a {teaser_len}-byte teaser is not a greeting"));
+        k.server_sends(&conv.server_data(teaser_len as u32, &greeting[teaser_len..]));
+        k.expect(&conv, Verdict::Pass);
+        // The same greeting in one segment.
+        let conv = Conversation::v4(&format!("198.51.100.6:{port}"));
+        conv.handshake(&k);
+        k.server_sends(&conv.server_data(0, &greeting));
+        k.expect(&conv, Verdict::Pass);
+        // Only the teaser, then talk: early.
+        let conv = Conversation::v4(&format!("198.51.100.7:{port}"));
+        conv.handshake(&k);
+        k.server_sends(&conv.server_data(0, &greeting[..teaser_len]));
+        k.expect_none("a teaser alone");
+        k.client_sends(&conv.client_data(0, EHLO));
+        k.expect_early_talk(&conv, EHLO);
+    }
+}
+
 #[test]
 fn client_fin_or_rst_before_greeting_is_quit() {
     if !privileged("client_fin_or_rst_before_greeting_is_quit") {

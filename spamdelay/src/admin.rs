@@ -25,8 +25,9 @@ struct Row<'a> {
     reason: &'a str,
 }
 
+/// Seconds as an admin writes them (`1d`, `1h 30m`).
 fn human(secs: u64) -> String {
-    humantime::format_duration(Duration::from_secs(secs)).to_string()
+    crate::duration::show(Duration::from_secs(secs))
 }
 
 pub fn list(store: &Store, json: bool) -> Result<()> {
@@ -79,6 +80,7 @@ pub async fn ban(store: &Store, cidr: Cidr, time: Duration, reason: &str) -> Res
     };
     let policy = Policy::manual(&locked.register.settings);
     let done = path.ban(&mut locked, &policy, vec![wanted], now).await?;
+    crate::eventlog::admin_banned(store.dir(), &done, now);
     match done.first() {
         Some(Done::Banned { cidr, ban }) => println!(
             "banned {} for {} (offence {})",
@@ -128,6 +130,7 @@ pub async fn unban(store: &Store, dir: &Path, cidr: Cidr) -> Result<()> {
     if names.is_empty() {
         names = unbridged.iter().map(|ip| show(&Cidr::host(*ip))).collect();
     }
+    crate::eventlog::admin_unbanned(dir, &lifted, &unbridged);
     match (&lifted.still_covered_by, names.is_empty()) {
         (Some(by), true) => bail!(
             "{} is not banned itself but inside the ban of {}: unban that",

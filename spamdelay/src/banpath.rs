@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     allow::Cidr,
     bans::{Ban, BanSettings, Lengths, Locked, Register, TableSettings},
+    exporter::{Cause, Telemetry},
     netlink::{NetlinkSets, Refusal},
     nft::{self, Change, NftError, V6_NET_PREFIX},
     policy::Policy,
@@ -153,6 +154,12 @@ impl BanPath {
         Self::new(table, settings, dry_run, counters, true)
     }
 
+    /// Feeds `--metrics-listen`'s metrics: bans by cause, apply latency.
+    pub fn with_telemetry(mut self, telemetry: Option<Telemetry>) -> Self {
+        self.applier.telemetry = telemetry;
+        self
+    }
+
     /// An admin command's path, with the settings the daemon last wrote.
     pub fn admin(register: &Register) -> Self {
         let counters = Arc::new(Counters::default());
@@ -186,6 +193,21 @@ impl BanPath {
             lengths: None,
             write_took: Duration::ZERO,
         }
+    }
+
+    /// A reload's settings (allowlist, `--remember`, `--ipv6-aggregate`),
+    /// recorded in the register for the admin commands when given it.
+    pub fn set_settings(
+        &mut self,
+        settings: BanSettings,
+        locked: Option<&mut Locked>,
+    ) -> Result<()> {
+        self.settings = settings;
+        if let Some(locked) = locked {
+            locked.register.settings = self.settings.clone();
+            locked.save()?;
+        }
+        Ok(())
     }
 
     /// Creates the table (afresh if its sets were made with other settings)
@@ -277,6 +299,9 @@ impl BanPath {
                 continue;
             }
             self.counters.bans.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = &self.applier.telemetry {
+                t.ban_added(Cause::of_reason(&p.ban.reason));
+            }
             if p.members.is_some() {
                 self.counters.aggregated.fetch_add(1, Ordering::Relaxed);
             }
@@ -650,6 +675,7 @@ struct Applier {
     /// Bans refused because their set was full, since the last warning.
     full_since_warning: u64,
     counters: Arc<Counters>,
+    telemetry: Option<Telemetry>,
 }
 
 /// How often a full set is warned about.
@@ -662,6 +688,7 @@ impl Applier {
             full_warned: None,
             full_since_warning: 0,
             counters,
+            telemetry: None,
         }
     }
 
@@ -692,6 +719,7 @@ impl Applier {
         if changes.is_empty() {
             return Vec::new();
         }
+        let started = Instant::now();
         let (mut took, rest) = match self.over_netlink(changes).await {
             Ok(split) => split,
             Err(e) => {
@@ -707,6 +735,9 @@ impl Applier {
             .apply_errors
             .fetch_add((rest.len() - through_nft.len()) as u64, Ordering::Relaxed);
         took.extend(through_nft);
+        if let Some(t) = &self.telemetry {
+            t.applied(started.elapsed());
+        }
         took
     }
 
@@ -772,9 +803,10 @@ impl Applier {
     }
 }
 
-/// Runs `f`, which may block briefly, without stalling the runtime's other
-/// tasks (on a multi-threaded runtime; as is otherwise).
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f`, which may block briefly (a flock, a write, a command), without
+/// stalling the runtime's other tasks (on a multi-threaded runtime; as is
+/// otherwise).
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),

@@ -69,6 +69,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a config file (`--config FILE`, or /etc/spamdelay/spamdelay.toml)
+    /// and print the settings `run` would start with; unknown keys and bad
+    /// values are errors that name them.
+    CheckConfig,
     /// Detach the programs a daemon left attached (pinned in its
     /// `--pin-dir`) and remove their pins, for good.
     Detach {
@@ -107,6 +111,34 @@ pub enum PauseSetting {
     Fixed(Duration),
 }
 
+/// Well-known ports where the client speaks first. spamdelay flags a
+/// client that talks before the server's greeting, so there it would flag
+/// (and ban) every client. Implicit TLS (RFC 8314 for 465) opens with the
+/// client's ClientHello; HTTP with the client's request.
+const CLIENT_FIRST: [(u16, &str, &str); 6] = [
+    (80, "http", "its HTTP request"),
+    (443, "https, implicit TLS", "TLS ClientHello"),
+    (465, "submissions, implicit TLS", "TLS ClientHello"),
+    (636, "ldaps, implicit TLS", "TLS ClientHello"),
+    (993, "imaps, implicit TLS", "TLS ClientHello"),
+    (995, "pop3s, implicit TLS", "TLS ClientHello"),
+];
+
+/// `--port`: 1 to 65535, and not a port where the client speaks first.
+pub fn port(s: &str) -> Result<u16, String> {
+    let port = s
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| "not a port number (1-65535): SMTP is on 25, 587 or 2525".to_string())?;
+    match CLIENT_FIRST.iter().find(|(p, ..)| *p == port) {
+        Some((_, name, first)) => Err(format!(
+            "on {port} ({name}) the client speaks first ({first}), so every client would be flagged; watch 25 or 587 (STARTTLS) instead"
+        )),
+        None => Ok(port),
+    }
+}
+
 fn pause_setting(s: &str) -> Result<PauseSetting, String> {
     if s == "auto" {
         return Ok(PauseSetting::Auto);
@@ -125,7 +157,7 @@ pub struct RunArgs {
         long = "port",
         value_name = "PORT",
         default_value = "25",
-        value_parser = clap::value_parser!(u16).range(1..)
+        value_parser = port
     )]
     pub ports: Vec<u16>,
 
@@ -241,6 +273,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 65536,
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_flows: u32,
+
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (e.g.
+    /// 127.0.0.1:9469; off by default).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = crate::exporter::listen_addr)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// Also write every verdict, ban and unban to FILE, one JSON object per
+    /// line (created with mode 0640; reopened on SIGHUP, for logrotate).
+    #[arg(long, value_name = "FILE")]
+    pub event_log: Option<PathBuf>,
 }
 
 #[cfg(test)]
@@ -274,6 +316,34 @@ mod tests {
         assert!(
             Cli::try_parse_from(["spamdelay", "run", "--iface", "e", "--bridge-time", "x"])
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn ports_where_the_client_speaks_first_are_refused() {
+        for p in [80, 443, 465, 636, 993, 995] {
+            let err = port(&p.to_string()).expect_err("a client-first port");
+            assert!(err.starts_with(&format!("on {p} (")), "{err}");
+            assert!(err.contains("the client speaks first"), "{err}");
+        }
+        assert_eq!(
+            port("465"),
+            Err("on 465 (submissions, implicit TLS) the client speaks first (TLS ClientHello), so every client would be flagged; watch 25 or 587 (STARTTLS) instead".to_string())
+        );
+        for p in [25, 587, 2525, 1, 65535] {
+            assert_eq!(port(&p.to_string()), Ok(p));
+        }
+        for bad in ["0", "65536", "smtp", ""] {
+            assert!(port(bad).is_err(), "{bad}");
+        }
+        // The config file goes through the same parser.
+        let mut argv = vec!["spamdelay".to_string(), "run".to_string()];
+        argv.extend(crate::config::to_args("iface = [\"eth0\"]\nport = [25, 465]").unwrap());
+        let err = Cli::try_parse_from(argv).expect_err("465 from the config file");
+        assert!(
+            err.to_string()
+                .contains("invalid value '465' for '--port <PORT>': on 465 (submissions"),
+            "{err}"
         );
     }
 

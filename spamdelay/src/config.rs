@@ -104,6 +104,105 @@ pub fn to_args(text: &str) -> Result<Vec<String>> {
     Ok(args)
 }
 
+/// `spamdelay check-config`: reads the file as `run` would, checks every
+/// value the way `run` checks it, and prints the settings `run` would start
+/// with, each marked with where it comes from. A file without an interface
+/// is valid (the package ships one), but `run` refuses to start until one
+/// is set: that is said, not failed.
+pub fn check(explicit: Option<&Path>) -> Result<()> {
+    let path = explicit.map_or_else(|| PathBuf::from(DEFAULT_PATH), Path::to_path_buf);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the config file {}{}",
+            path.display(),
+            if explicit.is_none() {
+                " (or name one with --config FILE)"
+            } else {
+                ""
+            }
+        )
+    })?;
+    let settings =
+        to_args(&text).with_context(|| format!("in the config file {}", path.display()))?;
+    let (args, matches) =
+        parse_run(&settings).with_context(|| format!("in the config file {}", path.display()))?;
+    for iface in &args.ifaces {
+        crate::loader::check_interface(iface)
+            .with_context(|| format!("in the config file {}", path.display()))?;
+    }
+    let mta = crate::mta::detect(args.mta, args.mta_config.as_deref()).with_context(|| {
+        format!(
+            "reading the MTA's configuration named in {}",
+            path.display()
+        )
+    })?;
+    println!("{}: valid", path.display());
+    let cmd = Cli::command();
+    let run = cmd
+        .find_subcommand("run")
+        .context("clap has no run subcommand")?;
+    for arg in run.get_arguments() {
+        let Some(long) = arg.get_long() else {
+            continue;
+        };
+        if matches!(long, "help" | "version" | "config") {
+            continue;
+        }
+        let id = arg.get_id().as_str();
+        let values: Vec<String> = matches
+            .get_raw(id)
+            .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let from = match matches.value_source(id) {
+            Some(clap::parser::ValueSource::DefaultValue) => "  # default",
+            None => "  # not set",
+            _ => "",
+        };
+        let shown = match values.as_slice() {
+            [] => "(none)".to_string(),
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
+        println!("{long} = {shown}{from}");
+    }
+    match &mta {
+        Some(m) => println!("# MTA: {m}"),
+        None => println!("# MTA: none found or read"),
+    }
+    if args.ifaces.is_empty() {
+        println!(
+            "note: no interface set (iface = [\"eth0\"]): `spamdelay run` refuses to start until one is"
+        );
+    }
+    Ok(())
+}
+
+/// `run`'s arguments from settings alone, the interface not required.
+fn parse_run(settings: &[String]) -> Result<(crate::cli::RunArgs, clap::ArgMatches)> {
+    use clap::FromArgMatches;
+    let cmd = Cli::command().mut_subcommand("run", |c| c.mut_arg("ifaces", |a| a.required(false)));
+    let argv = ["spamdelay", "run"]
+        .into_iter()
+        .map(String::from)
+        .chain(settings.iter().cloned());
+    let matches = cmd.try_get_matches_from(argv).map_err(|e| {
+        let text = e.to_string();
+        anyhow::anyhow!(
+            "{}",
+            text.lines()
+                .next()
+                .unwrap_or("bad settings")
+                .trim_start_matches("error: ")
+        )
+    })?;
+    let run = matches
+        .subcommand_matches("run")
+        .context("clap gave no run matches")?
+        .clone();
+    let args = crate::cli::RunArgs::from_arg_matches(&run).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((args, run))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,14 +6,18 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use log::{error, info};
+use log::{error, info, warn};
 use spamdelay_common::Verdict;
 use tokio::sync::mpsc;
 
 use crate::{
+    allow::Cidr,
     banpath::{BanPath, Done, Term, Wanted, show},
     bans::{self, Store},
+    duration,
+    eventlog::{self, EventLog},
     events::Report,
+    exporter::Telemetry,
     passcache::PassCache,
     policy::Policy,
 };
@@ -24,6 +28,17 @@ pub const BATCH_MAX: usize = 512;
 /// the register's deferred bans written.
 pub const HEAL_EVERY: Duration = crate::banpath::SAVE_EVERY;
 
+/// Settings a reload (SIGHUP) changes, applied between two batches.
+#[derive(Clone, Debug)]
+pub struct Update {
+    pub policy: Policy,
+    pub settings: crate::bans::BanSettings,
+    pub pass_file: Option<crate::passcache::PassFile>,
+    /// Networks newly allowlisted: their bans are lifted, their offences
+    /// forgotten.
+    pub lift: Vec<crate::allow::Cidr>,
+}
+
 pub struct Enforcer {
     store: Store,
     policy: Policy,
@@ -31,10 +46,19 @@ pub struct Enforcer {
     /// Every pass, for PIPECONNECT after a restart and the MTA's file.
     pass_cache: PassCache,
     dry_run: bool,
+    /// `--event-log`: every batch's verdicts and bans as JSON lines.
+    event_log: EventLog,
+    /// `--metrics-listen`: verdicts counted by kind.
+    telemetry: Option<Telemetry>,
 }
 
-fn human(d: Duration) -> String {
-    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+/// The client of a ban as a journal field: the address, or the network.
+fn client_field(cidr: &Cidr) -> String {
+    if cidr.is_host() {
+        cidr.addr().to_string()
+    } else {
+        cidr.to_string()
+    }
 }
 
 impl Enforcer {
@@ -51,7 +75,22 @@ impl Enforcer {
             path,
             pass_cache,
             dry_run,
+            event_log: EventLog::off(),
+            telemetry: None,
         }
+    }
+
+    /// Writes every batch's events to `log` (`--event-log`; a clone of the
+    /// daemon's, which reopens it on SIGHUP).
+    pub fn with_event_log(mut self, log: EventLog) -> Self {
+        self.event_log = log;
+        self
+    }
+
+    /// Counts every verdict for `--metrics-listen`.
+    pub fn with_telemetry(mut self, telemetry: Option<Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     pub fn pass_cache(&self) -> &PassCache {
@@ -64,7 +103,7 @@ impl Enforcer {
         if self.dry_run {
             return Ok(());
         }
-        let (mut locked, _) = self.store.lock()?;
+        let (mut locked, _) = crate::banpath::blocking(|| self.store.lock())?;
         let restored = self.path.restore(&mut locked, bans::now()).await?;
         if restored > 0 {
             info!(
@@ -75,15 +114,25 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Runs until the report channel closes.
-    pub async fn run(mut self, mut reports: mpsc::Receiver<Report>) {
+    /// Runs until the report channel closes, taking reloaded settings
+    /// between batches.
+    pub async fn run(
+        mut self,
+        mut reports: mpsc::Receiver<Report>,
+        mut updates: mpsc::Receiver<Update>,
+    ) {
         let mut heal = tokio::time::interval(HEAL_EVERY);
         heal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                Some(update) = updates.recv() => {
+                    if let Err(e) = self.update(update).await {
+                        error!("applying the reloaded settings: {e:#}");
+                    }
+                }
                 first = reports.recv() => {
                     let Some(first) = first else {
-                        if let Err(e) = self.pass_cache.flush(bans::now(), !self.dry_run) {
+                        if let Err(e) = crate::banpath::blocking(|| self.pass_cache.flush(bans::now(), !self.dry_run)) {
                             error!("writing the pass cache: {e:#}");
                         }
                         if let Err(e) = self.save_register(true) {
@@ -101,7 +150,7 @@ impl Enforcer {
                     }
                 }
                 _ = heal.tick() => {
-                    if let Err(e) = self.pass_cache.flush(bans::now(), !self.dry_run) {
+                    if let Err(e) = crate::banpath::blocking(|| self.pass_cache.flush(bans::now(), !self.dry_run)) {
                         error!("writing the pass cache: {e:#}");
                     }
                     if self.dry_run {
@@ -116,6 +165,43 @@ impl Enforcer {
                 }
             }
         }
+    }
+
+    /// Takes reloaded settings: the policy for the next verdicts, the ban
+    /// settings (recorded in the register for the admin commands), and the
+    /// MTA's pass file (rewritten at once where it now goes).
+    async fn update(&mut self, update: Update) -> Result<()> {
+        self.policy = update.policy;
+        self.pass_cache.set_file(update.pass_file);
+        if self.dry_run {
+            return self.path.set_settings(update.settings, None);
+        }
+        let (mut locked, _) = crate::banpath::blocking(|| self.store.lock())?;
+        self.path.set_settings(update.settings, Some(&mut locked))?;
+        let now = bans::now();
+        for cidr in &update.lift {
+            let lifted = self.path.unban(&mut locked, cidr, now).await?;
+            let mut names: Vec<String> = lifted.register.iter().map(show).collect();
+            names.extend(
+                lifted
+                    .elements
+                    .iter()
+                    .filter(|c| !lifted.register.contains(c))
+                    .map(show),
+            );
+            if !names.is_empty() {
+                info!("unban {}: now allowlisted", names.join(", "));
+            }
+            if let Some(by) = lifted.still_covered_by {
+                warn!(
+                    "{} is allowlisted now but inside the ban of {}: `spamdelay unban {}` lifts it",
+                    show(cidr),
+                    show(&by),
+                    show(&by)
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Clients that waited for the greeting go to the pass cache (written on
@@ -136,7 +222,11 @@ impl Enforcer {
     async fn punish(&mut self, batch: &[Report]) -> Result<()> {
         // Log every verdict first: the log is the record even if nft fails.
         for r in batch {
-            info!("{r}");
+            // Fields for the journal (main.rs): SPAMDELAY_VERDICT, SPAMDELAY_CLIENT.
+            info!(spamdelay_verdict = r.word(), spamdelay_client:% = r.client.ip(); "{r}");
+            if let Some(t) = &self.telemetry {
+                t.verdict(r.verdict);
+            }
         }
         let wanted: Vec<Wanted> = batch
             .iter()
@@ -148,24 +238,34 @@ impl Enforcer {
             })
             .collect();
         if wanted.is_empty() {
+            self.record(batch, Some(&[]));
             return Ok(());
         }
-        let (mut locked, _) = self.store.lock()?;
+        let (mut locked, _) = self
+            .store
+            .lock()
+            .inspect_err(|_| self.record(batch, None))?;
         let done = self
             .path
             .ban(&mut locked, &self.policy, wanted, bans::now())
-            .await?;
+            .await
+            .inspect_err(|_| self.record(batch, None))?;
         drop(locked);
+        self.record(batch, Some(&done));
         let verb = if self.dry_run { "would ban" } else { "ban" };
         for d in done {
             match d {
-                Done::Banned { cidr, ban } => info!(
-                    "{verb} {} for {} (offence {}): {}",
-                    show(&cidr),
-                    human(Duration::from_secs(ban.expires.saturating_sub(bans::now()))),
-                    ban.offences,
-                    ban.reason
-                ),
+                Done::Banned { cidr, ban } => {
+                    let secs = ban.expires.saturating_sub(bans::now());
+                    info!(
+                        spamdelay_client = client_field(&cidr), spamdelay_ban_time = secs;
+                        "{verb} {} for {} (offence {}): {}",
+                        show(&cidr),
+                        duration::show(Duration::from_secs(secs)),
+                        ban.offences,
+                        ban.reason
+                    )
+                }
                 Done::Covered { cidr, by } => {
                     info!("{} already banned as {}", show(&cidr), show(&by))
                 }
@@ -177,10 +277,12 @@ impl Enforcer {
                     ban,
                 } => {
                     let shown: Vec<String> = cidrs.iter().map(show).collect();
+                    let secs = ban.expires.saturating_sub(bans::now());
                     info!(
+                        spamdelay_client = client_field(&net), spamdelay_ban_time = secs;
                         "{verb} {} for {} (offence {}) instead of {}: {members} addresses of it banned (--ipv6-aggregate)",
                         show(&net),
-                        human(Duration::from_secs(ban.expires.saturating_sub(bans::now()))),
+                        duration::show(Duration::from_secs(secs)),
                         ban.offences,
                         shown.join(", ")
                     )
@@ -190,12 +292,20 @@ impl Enforcer {
         Ok(())
     }
 
+    /// A batch's events for the event log: `done` is what the ban path did,
+    /// `None` when it failed.
+    fn record(&self, batch: &[Report], done: Option<&[Done]>) {
+        self.event_log.record_with(|| {
+            eventlog::batch_events(batch, &self.policy, done, self.dry_run, bans::now())
+        });
+    }
+
     /// Writes bans a busy moment left unsaved (`at_exit`: whatever the wait).
     fn save_register(&mut self, at_exit: bool) -> Result<()> {
         if !self.path.unsaved() {
             return Ok(());
         }
-        let (mut locked, _) = self.store.lock()?;
+        let (mut locked, _) = crate::banpath::blocking(|| self.store.lock())?;
         self.path.flush(&mut locked, bans::now(), at_exit)
     }
 
@@ -204,7 +314,7 @@ impl Enforcer {
         if self.path.table_present().await? {
             return Ok(());
         }
-        let (locked, _) = self.store.lock()?;
+        let (locked, _) = crate::banpath::blocking(|| self.store.lock())?;
         self.path.heal(&locked.register, bans::now()).await?;
         Ok(())
     }

@@ -128,7 +128,7 @@ impl fmt::Display for Report {
                 Some(p) => write!(
                     f,
                     "QUIT after {after:.3}s of a {} greet pause from {from} to {to}",
-                    humantime::format_duration(p)
+                    crate::duration::show(p)
                 ),
                 None => write!(f, "QUIT after {after:.3}s from {from} to {to}"),
             },

@@ -587,6 +587,86 @@ pub fn fill_allowlist(ebpf: &mut Ebpf, cidrs: &[Cidr]) -> Result<()> {
     fill_tries(ebpf, ("ALLOW_V4", "ALLOW_V6"), &on, "the allowlist")
 }
 
+/// Changes the allowlist in the kernel's tries in place (a reload): the new
+/// networks go in first, then those no longer listed come out, so a client
+/// allowed before and after is never followed in between.
+pub fn replace_allowlist(ebpf: &mut Ebpf, old: &[Cidr], new: &[Cidr]) -> Result<()> {
+    let old: Vec<(Cidr, bool)> = old.iter().map(|c| (*c, true)).collect();
+    let new: Vec<(Cidr, bool)> = new.iter().map(|c| (*c, true)).collect();
+    replace_tries(ebpf, ("ALLOW_V4", "ALLOW_V6"), &old, &new, "the allowlist")
+}
+
+/// Changes the PIPECONNECT hosts in place (a reload of an MTA that lists them).
+pub fn replace_pipeconnect_hosts(
+    ebpf: &mut Ebpf,
+    old: &[(Cidr, bool)],
+    new: &[(Cidr, bool)],
+) -> Result<()> {
+    replace_tries(
+        ebpf,
+        ("PIPE_V4", "PIPE_V6"),
+        old,
+        new,
+        "the PIPECONNECT hosts",
+    )
+}
+
+fn replace_tries(
+    ebpf: &mut Ebpf,
+    maps: (&str, &str),
+    old: &[(Cidr, bool)],
+    new: &[(Cidr, bool)],
+    what: &str,
+) -> Result<()> {
+    fill_tries(ebpf, maps, new, what)?;
+    for (cidr, _) in old.iter().filter(|(c, _)| !new.iter().any(|(n, _)| n == c)) {
+        let result = match cidr.addr() {
+            IpAddr::V4(a) => remove_prefix(ebpf, maps.0, cidr, a.octets()),
+            IpAddr::V6(a) => remove_prefix(ebpf, maps.1, cidr, a.octets()),
+        };
+        result.with_context(|| format!("removing {cidr} from {what}"))?;
+    }
+    Ok(())
+}
+
+fn remove_prefix<const N: usize>(
+    ebpf: &mut Ebpf,
+    map: &str,
+    cidr: &Cidr,
+    addr: [u8; N],
+) -> Result<()> {
+    let mut trie: LpmTrie<&mut MapData, [u8; N], u8> = LpmTrie::try_from(
+        ebpf.map_mut(map)
+            .with_context(|| format!("map {map} missing"))?,
+    )?;
+    match trie.remove(&Key::new(cidr.prefix_len().into(), addr)) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Changes the benign probes in place (a reload).
+pub fn replace_probes(ebpf: &mut Ebpf, old: &[Vec<u8>], new: &[Vec<u8>]) -> Result<()> {
+    fill_probes(ebpf, new)?;
+    let mut map: HashMap<&mut MapData, ProbeKey, u8> =
+        HashMap::try_from(ebpf.map_mut("PROBES").context("map PROBES missing")?)?;
+    for probe in old.iter().filter(|p| !new.contains(p)) {
+        let mut key = ProbeKey {
+            len: probe.len() as u32,
+            bytes: [0; PAYLOAD_CAPTURE],
+        };
+        let Some(bytes) = key.bytes.get_mut(..probe.len()) else {
+            continue;
+        };
+        bytes.copy_from_slice(probe);
+        match map.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("removing a benign probe"),
+        }
+    }
+    Ok(())
+}
+
 /// Writes networks into a pair of LPM tries (IPv4, IPv6), each with the
 /// value 1 (in) or 0 (excluded).
 fn fill_tries(

@@ -9,6 +9,7 @@ use spamdelay::{
     cli::{Cli, Command},
     config,
 };
+use systemd_journal_logger::JournalLog;
 
 fn main() -> ExitCode {
     let argv = match config::expand(std::env::args_os().collect()) {
@@ -19,7 +20,7 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(argv);
-    init_logging();
+    let journal = init_logging();
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
                     Command::Unban { cidr } => admin::unban(&store, &cli.state_dir, cidr).await,
                     Command::Status { json } => admin::status(&store, &cli.state_dir, json).await,
                     Command::Detach { pin_dir } => admin::detach(&cli.state_dir, &pin_dir),
+                    Command::CheckConfig => config::check(cli.config.as_deref()),
                 }
             })
         });
@@ -44,16 +46,40 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: every context joined with ": ".
-            eprintln!("spamdelay: error: {e:#}");
+            if journal {
+                log::error!("{e:#}");
+            } else {
+                eprintln!("spamdelay: error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-/// Verdicts and notices as bare lines (journald and syslog add the time);
-/// warnings and errors prefixed like Postfix's.
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+/// Verdicts and notices as bare lines (syslog adds the time); warnings and
+/// errors prefixed like Postfix's. Under systemd (stderr is the journal's
+/// stream, `JOURNAL_STREAM`) records go to the journal itself instead, with
+/// their priority and the fields the log calls carry (`SPAMDELAY_VERDICT`,
+/// `SPAMDELAY_CLIENT`, `SPAMDELAY_BAN_TIME`). `RUST_LOG` filters either way.
+/// Returns whether the journal gets them.
+fn init_logging() -> bool {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if systemd_journal_logger::connected_to_journal() {
+        match JournalLog::new() {
+            Ok(journal) => {
+                let filter = builder.build();
+                log::set_max_level(filter.filter());
+                // Only fails when a logger is set already, which none is.
+                let _ = log::set_boxed_logger(Box::new(Journal { filter, journal }));
+                return true;
+            }
+            Err(e) => eprintln!(
+                "warning: the journal's socket {JOURNAL_SOCKET} is not reachable ({e}): logging to stderr"
+            ),
+        }
+    }
+    builder
         // Plain lines: no colour detection and stripping on every record.
         .write_style(env_logger::WriteStyle::Never)
         .format(|buf, record| match record.level() {
@@ -62,4 +88,28 @@ fn init_logging() {
             level => writeln!(buf, "{}: {}", level.as_str().to_lowercase(), record.args()),
         })
         .init();
+    false
+}
+
+/// Where systemd-journal-logger sends its records.
+const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// The journal, behind the same `RUST_LOG` filter as stderr.
+struct Journal {
+    filter: env_logger::Logger,
+    journal: JournalLog,
+}
+
+impl log::Log for Journal {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.filter.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.filter.matches(record) {
+            self.journal.log(record);
+        }
+    }
+
+    fn flush(&self) {}
 }

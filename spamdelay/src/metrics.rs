@@ -63,6 +63,9 @@ pub struct Status {
     /// The daemon's own counters: bans, set_full, aggregated, apply_errors.
     #[serde(default)]
     pub daemon_counters: BTreeMap<String, u64>,
+    /// The JSON event log (`run --event-log`), for `spamdelay ban|unban`.
+    #[serde(default)]
+    pub event_log: Option<std::path::PathBuf>,
 }
 
 impl Status {

@@ -111,6 +111,12 @@ impl PassCache {
             .map(move |(a, t)| (*a, (*t).min(now)))
     }
 
+    /// A reload's MTA file: written on the next flush.
+    pub fn set_file(&mut self, file: Option<PassFile>) {
+        self.file = file;
+        self.dirty = true;
+    }
+
     pub fn record(&mut self, ip: IpAddr, now: u64) {
         // A client listed already keeps the MTA's file as it is: rewriting
         // it (and reloading the MTA, which restarts postscreen) per pass
@@ -156,7 +162,7 @@ impl PassCache {
         sorted.sort();
         let mut text = format!(
             "# spamdelay pass cache: clients that waited for the greeting (kept {}); rewritten automatically\n",
-            humantime::format_duration(self.ttl)
+            crate::duration::show(self.ttl)
         );
         for ip in sorted {
             let _ = writeln!(text, "{}", file.format.line(ip));

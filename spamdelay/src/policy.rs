@@ -56,7 +56,7 @@ impl Policy {
                     Some(p) => format!(
                         "quit after {:.2}s of a {} greet pause",
                         r.after.as_secs_f64(),
-                        humantime::format_duration(p)
+                        crate::duration::show(p)
                     ),
                     None => format!("quit after {:.2}s", r.after.as_secs_f64()),
                 }

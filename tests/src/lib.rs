@@ -11,6 +11,7 @@ pub mod lab;
 pub mod mta;
 pub mod nft;
 pub mod packet;
+pub mod prometheus;
 pub mod raw;
 pub mod scenario;
 pub mod smtp;

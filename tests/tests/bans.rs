@@ -295,7 +295,7 @@ fn manual_ban_list_and_status() {
         )
         .expect("spamdelay ban");
     assert!(ok, "{err}");
-    assert_eq!(out.trim(), format!("banned [{addr}] for 1day (offence 1)"));
+    assert_eq!(out.trim(), format!("banned [{addr}] for 1d (offence 1)"));
     let e = element(&s.lab.server, V4, &addr).expect("manual ban in nft");
     assert_eq!(
         (e.timeout, e.comment.as_deref()),

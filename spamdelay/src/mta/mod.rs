@@ -61,7 +61,7 @@ impl fmt::Display for Mta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} on {}: ", self.name, self.listen)?;
         match self.greet_pause {
-            Some(p) => write!(f, "{} {}", self.pause_word, humantime::format_duration(p))?,
+            Some(p) => write!(f, "{} {}", self.pause_word, crate::duration::show(p))?,
             None => write!(f, "no {}", self.pause_word)?,
         }
         for d in &self.details {

@@ -1,4 +1,4 @@
-//! Developer workflows: `cargo xtask build-ebpf | build | run | test | lint | setup | demo | bench | fuzz`.
+//! Developer workflows: `cargo xtask build-ebpf | build | run | test | lint | setup | demo | bench | fuzz | deb`.
 //! The kernel object needs nightly, rust-src and bpf-linker; this installs them
 //! when they are missing so a fresh machine needs nothing but rustup.
 
@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod deb;
 mod fuzz;
 mod setup;
 
@@ -74,6 +75,9 @@ enum Cmd {
         /// Targets to run (default: all of them).
         targets: Vec<String>,
     },
+    /// Build the Debian package, target/debian/spamdelay_VERSION_amd64.deb
+    /// (release build, man pages, completions; installs cargo-deb when missing).
+    Deb,
 }
 
 fn main() -> std::process::ExitCode {
@@ -107,7 +111,18 @@ fn xtask(cmd: Cmd) -> Result<()> {
         Cmd::Lint => {
             build_ebpf(true)?;
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-            run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+            run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            // xtask-docs builds only with its feature (see xtask/Cargo.toml).
+            run(cargo()
+                .args([
+                    "clippy",
+                    "-p",
+                    "xtask",
+                    "--features",
+                    "docs",
+                    "--all-targets",
+                ])
+                .args(["--", "-D", "warnings"]))
         }
         Cmd::Demo => {
             setup::setup(&workspace_root())?;
@@ -151,6 +166,7 @@ fn xtask(cmd: Cmd) -> Result<()> {
             build_ebpf(true)?;
             fuzz::fuzz(&workspace_root(), time, &targets)
         }
+        Cmd::Deb => deb::deb(),
     }
 }
 

@@ -21,6 +21,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     // setpriv, for the no-privilege test.
     ("util-linux", "/usr/bin/setpriv"),
+    // prometheus and promtool, for tests/tests/prometheus.rs.
+    ("prometheus", "/usr/bin/prometheus"),
 ];
 
 /// What `cargo xtask bench` uses on top: iperf3, and fail2ban to compare with.

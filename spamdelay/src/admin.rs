@@ -71,7 +71,8 @@ pub async fn ban(store: &Store, cidr: Cidr, time: Duration, reason: &str) -> Res
     crate::privilege::check_nft()?;
     let (mut locked, _) = store.lock()?;
     let now = bans::now();
-    let mut path = BanPath::admin(&locked.register);
+    let mut path =
+        BanPath::admin(&locked.register).with_observer(crate::fleet::admin_observer(store.dir()));
     path.ensure_table().await?;
     let wanted = Wanted {
         cidr,
@@ -116,7 +117,8 @@ pub async fn unban(store: &Store, dir: &Path, cidr: Cidr) -> Result<()> {
     });
     let (mut locked, _) = store.lock()?;
     let now = bans::now();
-    let mut path = BanPath::admin(&locked.register);
+    let mut path =
+        BanPath::admin(&locked.register).with_observer(crate::fleet::admin_observer(dir));
     let lifted = path
         .unban(&mut locked, &cidr, now)
         .await
@@ -193,6 +195,36 @@ pub fn detach(state_dir: &Path, dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `spamdelay status`'s CrowdSec line.
+fn fleet_line(f: &crate::fleet::FleetStatus, now: u64) -> String {
+    let mut roles = Vec::new();
+    if f.publish {
+        roles.push("publishing");
+    }
+    if f.subscribe {
+        roles.push("subscribing");
+    }
+    let state = match (&f.last_error, f.reachable) {
+        (Some(e), _) => format!("failing: {e}"),
+        (None, true) => "reachable".to_string(),
+        (None, false) => "not contacted yet".to_string(),
+    };
+    let pull = match f.last_pull {
+        Some(t) => format!(", last pull {} ago", human(now.saturating_sub(t))),
+        None if f.subscribe => ", no pull yet".to_string(),
+        None => String::new(),
+    };
+    let counters = crate::metrics::pairs(f.counters.iter().map(|(k, v)| (k.as_str(), *v)));
+    format!(
+        "fleet: CrowdSec LAPI {} ({}), {state}{pull}, {} in the spool{}{}",
+        f.lapi,
+        roles.join(" and "),
+        f.spool,
+        if counters.is_empty() { "" } else { "; " },
+        counters
+    )
 }
 
 #[derive(Serialize)]
@@ -279,6 +311,9 @@ pub async fn status(store: &Store, dir: &Path, json: bool) -> Result<()> {
         println!("kernel: {}", of(&d.counters));
         if !d.daemon_counters.is_empty() {
             println!("bans made: {}", of(&d.daemon_counters));
+        }
+        if let Some(f) = &d.fleet {
+            println!("{}", fleet_line(f, now));
         }
     }
     Ok(())

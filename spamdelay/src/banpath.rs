@@ -53,6 +53,27 @@ pub enum Term {
     Sentence,
     /// Exactly this long (`spamdelay ban --time`); a re-ban refreshes it.
     Fixed(Duration),
+    /// Another host's ban with this long left (the fleet's): any ban in
+    /// force that lasts as long, the same element's included, is enough.
+    Foreign(Duration),
+}
+
+/// Bans other hosts made, for the enforcer to apply, and ones they lifted.
+#[derive(Clone, Debug, Default)]
+pub struct Foreign {
+    /// Each with `Term::Foreign`.
+    pub bans: Vec<Wanted>,
+    /// Lifted where the register's ban for exactly this network has a
+    /// reason starting with `lift_prefix` (a local ban stays).
+    pub lifts: Vec<Cidr>,
+    pub lift_prefix: &'static str,
+}
+
+/// Told of every ban that took and every unban (not in a dry run): how the
+/// fleet hears of this host's bans without the ban path knowing the fleet.
+pub trait Observer: Send + Sync {
+    fn banned(&self, cidr: &Cidr, ban: &Ban, now: u64);
+    fn unbanned(&self, cidr: &Cidr, now: u64);
 }
 
 /// What became of a wanted ban.
@@ -140,6 +161,7 @@ pub struct BanPath {
     /// How long the last write took: the next waits ten times as long, so
     /// writing a big register never takes more than a tenth of the time.
     write_took: Duration,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl BanPath {
@@ -192,7 +214,23 @@ impl BanPath {
             pending: BTreeMap::new(),
             lengths: None,
             write_took: Duration::ZERO,
+            observer: None,
         }
+    }
+
+    /// Tells `observer` of every ban and unban from now on.
+    pub fn with_observer(mut self, observer: Option<Arc<dyn Observer>>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// The allowlisted network `cidr` overlaps, if any: no ban may touch it.
+    pub fn allowlisted(&self, cidr: &Cidr) -> Option<Cidr> {
+        self.settings
+            .allow
+            .iter()
+            .find(|a| a.covers(cidr) || cidr.covers(a))
+            .copied()
     }
 
     /// A reload's settings (allowlist, `--remember`, `--ipv6-aggregate`),
@@ -319,6 +357,9 @@ impl BanPath {
             if self.throttle_saves {
                 self.pending.insert(p.cidr, p.ban.clone());
             }
+            if let Some(o) = &self.observer {
+                o.banned(&p.cidr, &p.ban, now);
+            }
             done.push(p.done());
         }
         let lifted = self.applier.apply(&lift).await;
@@ -352,6 +393,7 @@ impl BanPath {
                     Term::Sentence => true,
                     // A manual re-ban of the same element refreshes it.
                     Term::Fixed(t) => *by != w.cidr && b.expires >= now.saturating_add(t.as_secs()),
+                    Term::Foreign(t) => b.expires >= now.saturating_add(t.as_secs()),
                 };
                 if long_enough {
                     done.push(Done::Covered {
@@ -395,7 +437,7 @@ impl BanPath {
         now: u64,
     ) -> Ban {
         let mut sentence = policy.sentence(register.bans.get(cidr), now);
-        if let Term::Fixed(t) = term {
+        if let Term::Fixed(t) | Term::Foreign(t) = term {
             sentence.duration = t;
         }
         policy.ban(&sentence, nft::comment(&reason), now)
@@ -573,6 +615,23 @@ impl BanPath {
     /// register, and from nftables, elements the register does not know
     /// included.
     pub async fn unban(&mut self, locked: &mut Locked, cidr: &Cidr, now: u64) -> Result<Lifted> {
+        let lifted = self.lift(locked, cidr, now).await?;
+        if let Some(o) = &self.observer {
+            let told: Vec<&Cidr> = if lifted.register.is_empty() && !lifted.elements.is_empty() {
+                vec![cidr]
+            } else {
+                lifted.register.iter().collect()
+            };
+            for c in told {
+                o.unbanned(c, now);
+            }
+        }
+        Ok(lifted)
+    }
+
+    /// `unban` without telling the observer: for bans lifted because the
+    /// allowlist grew, or because the fleet lifted them itself.
+    pub async fn lift(&mut self, locked: &mut Locked, cidr: &Cidr, now: u64) -> Result<Lifted> {
         let register: Vec<Cidr> = locked.register.inside(cidr).map(|(c, _)| *c).collect();
         let mut deletes: Vec<Change> = Vec::new();
         if cidr.is_host() {

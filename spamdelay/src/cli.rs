@@ -283,6 +283,9 @@ pub struct RunArgs {
     /// line (created with mode 0640; reopened on SIGHUP, for logrotate).
     #[arg(long, value_name = "FILE")]
     pub event_log: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub fleet: crate::fleet::FleetArgs,
 }
 
 #[cfg(test)]

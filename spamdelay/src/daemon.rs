@@ -34,6 +34,7 @@ use crate::{
     eventlog::EventLog,
     events,
     exporter::{self, Sources, Telemetry},
+    fleet::Fleet,
     loader,
     metrics::{self, Attachment, Status},
     mta, notify,
@@ -77,6 +78,11 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
     let mut kernel = Kernel::load(&args, &live, &pass_cache)?;
     let stats = Arc::new(loader::take_stats(&mut kernel.ebpf)?);
 
+    // `--crowdsec-lapi`: unreadable secrets stop the start here; LAPI
+    // itself may be down (its bans wait in the spool).
+    let (foreign_tx, foreign_rx) = mpsc::channel(64);
+    let fleet = Fleet::start(&args.fleet, &state_dir, foreign_tx)?;
+
     let counters = Arc::new(Counters::default());
     let telemetry = listener.as_ref().map(|_| {
         let kernel_stats = stats.clone();
@@ -97,7 +103,8 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         args.dry_run,
         counters.clone(),
     )
-    .with_telemetry(telemetry.clone());
+    .with_telemetry(telemetry.clone())
+    .with_observer(fleet.as_ref().and_then(Fleet::observer));
     let mut enforcer = Enforcer::new(
         store.clone(),
         live.policy.clone(),
@@ -132,6 +139,9 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         pin_dir: kernel.pin_dir.clone(),
         daemon_counters: Default::default(),
         event_log: event_log.path(),
+        fleet: fleet
+            .as_ref()
+            .and_then(|f| f.status.lock().ok().map(|s| s.clone())),
     };
     let exporter = match (listener, telemetry) {
         (Some(listener), Some(telemetry)) => {
@@ -151,6 +161,10 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
         &state_dir,
         event_log,
         exporter,
+        Fleeting {
+            fleet,
+            foreign: foreign_rx,
+        },
     )?;
     // Attached, and the table exists (the enforcer made it): ready.
     notify::ready(&tasks.summary());
@@ -432,6 +446,8 @@ struct Tasks {
     kernel_log: Option<JoinHandle<std::io::Result<()>>>,
     /// `--metrics-listen`'s server, if on.
     exporter: Option<JoinHandle<Result<()>>>,
+    /// `--crowdsec-lapi`'s publisher and subscriber, if on.
+    fleet: Option<Fleet>,
     updates: mpsc::Sender<Update>,
     stats: Arc<PerCpuArray<MapData, u64>>,
     counters: Arc<Counters>,
@@ -451,6 +467,7 @@ impl Tasks {
         state_dir: &Path,
         event_log: EventLog,
         exporter: Option<JoinHandle<Result<()>>>,
+        fleeting: Fleeting,
     ) -> Result<Tasks> {
         let ring = loader::take_events(&mut kernel.ebpf)?;
         let kernel_log = match aya_log::EbpfLogger::init(&mut kernel.ebpf) {
@@ -464,16 +481,18 @@ impl Tasks {
         let (updates, updates_rx) = mpsc::channel(4);
         Ok(Tasks {
             reader: tokio::spawn(read_events(ring, tx)),
-            enforcing: tokio::spawn(enforcer.run(rx, updates_rx)),
+            enforcing: tokio::spawn(enforcer.run(rx, updates_rx, fleeting.foreign)),
             reporting: tokio::spawn(report_status(
                 stats.clone(),
                 counters.clone(),
                 status.clone(),
                 state_dir.to_path_buf(),
                 event_log.clone(),
+                fleeting.fleet.as_ref().map(|f| f.status.clone()),
             )),
             kernel_log,
             exporter,
+            fleet: fleeting.fleet,
             updates,
             stats,
             counters,
@@ -502,6 +521,7 @@ impl Tasks {
             }
             r = &mut self.reporting => ended("the status writer", r.map(Ok)),
             r = optional(&mut self.exporter) => ended("the metrics server", r),
+            why = fleet_ended(&mut self.fleet) => why,
         }
     }
 
@@ -524,6 +544,13 @@ impl Tasks {
             self.reporting.abort();
             let _ = (&mut self.reporting).await;
         }
+        let fleet_status = self
+            .fleet
+            .as_ref()
+            .and_then(|f| f.status.lock().ok().map(|s| s.clone()));
+        if let Some(fleet) = self.fleet {
+            fleet.stop();
+        }
         for task in [
             self.kernel_log.map(|t| t.abort_handle()),
             self.exporter.map(|t| t.abort_handle()),
@@ -535,6 +562,7 @@ impl Tasks {
         }
         let mut status = self.status;
         status.event_log = self.event_log.path();
+        status.fleet = fleet_status;
         if let Ok(counts) = metrics::sum(&*self.stats) {
             info!("stopping: {}", metrics::line(&counts));
             status.set_counters(&counts);
@@ -582,6 +610,19 @@ async fn serve(
             _ = tick(&mut watchdog) => notify::watchdog(),
             why = tasks.ended() => return Some(why),
         }
+    }
+}
+
+/// The fleet link and the enforcer's end of its channel.
+struct Fleeting {
+    fleet: Option<Fleet>,
+    foreign: mpsc::Receiver<crate::banpath::Foreign>,
+}
+
+async fn fleet_ended(fleet: &mut Option<Fleet>) -> String {
+    match fleet {
+        Some(f) => f.ended().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -706,6 +747,7 @@ fn restart_needed(start: &RunArgs, now: &RunArgs) -> Vec<&'static str> {
     check(start.pass_ttl == now.pass_ttl, "pass-ttl");
     check(start.max_flows == now.max_flows, "max-flows");
     check(start.metrics_listen == now.metrics_listen, "metrics-listen");
+    check(start.fleet == now.fleet, "crowdsec-*");
     fixed
 }
 
@@ -883,6 +925,7 @@ async fn report_status(
     mut status: Status,
     dir: PathBuf,
     event_log: EventLog,
+    fleet: Option<crate::fleet::SharedStatus>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut shown = String::new();
@@ -894,6 +937,9 @@ async fn report_status(
         status.set_counters(&kernel);
         status.daemon_counters = counters.snapshot();
         status.updated = bans::now();
+        if let Some(f) = &fleet {
+            status.fleet = f.lock().ok().map(|s| s.clone());
+        }
         let line = summary(&kernel, &status.daemon_counters);
         if line != shown {
             notify::status(&line);

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     allow::Cidr,
-    banpath::{BanPath, Done, Term, Wanted, show},
+    banpath::{BanPath, Done, Foreign, Term, Wanted, show},
     bans::{self, Store},
     duration,
     eventlog::{self, EventLog},
@@ -120,6 +120,7 @@ impl Enforcer {
         mut self,
         mut reports: mpsc::Receiver<Report>,
         mut updates: mpsc::Receiver<Update>,
+        mut foreign: mpsc::Receiver<Foreign>,
     ) {
         let mut heal = tokio::time::interval(HEAL_EVERY);
         heal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -128,6 +129,11 @@ impl Enforcer {
                 Some(update) = updates.recv() => {
                     if let Err(e) = self.update(update).await {
                         error!("applying the reloaded settings: {e:#}");
+                    }
+                }
+                Some(f) = foreign.recv() => {
+                    if let Err(e) = self.foreign(f).await {
+                        error!("applying the fleet's bans: {e:#}");
                     }
                 }
                 first = reports.recv() => {
@@ -180,7 +186,7 @@ impl Enforcer {
         self.path.set_settings(update.settings, Some(&mut locked))?;
         let now = bans::now();
         for cidr in &update.lift {
-            let lifted = self.path.unban(&mut locked, cidr, now).await?;
+            let lifted = self.path.lift(&mut locked, cidr, now).await?;
             let mut names: Vec<String> = lifted.register.iter().map(show).collect();
             names.extend(
                 lifted
@@ -252,6 +258,12 @@ impl Enforcer {
             .inspect_err(|_| self.record(batch, None))?;
         drop(locked);
         self.record(batch, Some(&done));
+        self.log_done(done);
+        Ok(())
+    }
+
+    /// One line per ban made (or not).
+    fn log_done(&self, done: Vec<Done>) {
         let verb = if self.dry_run { "would ban" } else { "ban" };
         for d in done {
             match d {
@@ -288,6 +300,43 @@ impl Enforcer {
                     )
                 }
             }
+        }
+    }
+
+    /// Bans other hosts made (the fleet's), never on an allowlisted
+    /// address, and the lifts of their own bans.
+    async fn foreign(&mut self, foreign: Foreign) -> Result<()> {
+        let now = bans::now();
+        let mut wanted = Vec::new();
+        for w in foreign.bans {
+            match self.path.allowlisted(&w.cidr) {
+                Some(a) => info!(
+                    "not banning {}: allowlisted ({a}); {}",
+                    show(&w.cidr),
+                    w.reason
+                ),
+                None => wanted.push(w),
+            }
+        }
+        let (mut locked, _) = crate::banpath::blocking(|| self.store.lock())?;
+        if !wanted.is_empty() {
+            let done = self
+                .path
+                .ban(&mut locked, &self.policy, wanted, now)
+                .await?;
+            self.log_done(done);
+        }
+        for cidr in &foreign.lifts {
+            let theirs = locked
+                .register
+                .bans
+                .get(cidr)
+                .is_some_and(|b| b.active(now) && b.reason.starts_with(foreign.lift_prefix));
+            if !theirs || self.dry_run {
+                continue;
+            }
+            self.path.lift(&mut locked, cidr, now).await?;
+            info!("unban {}: lifted where it was decided", show(cidr));
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ pub mod enforcer;
 pub mod eventlog;
 pub mod events;
 pub mod exporter;
+pub mod fleet;
 pub mod guard;
 pub mod loader;
 pub mod metrics;

@@ -66,6 +66,9 @@ pub struct Status {
     /// The JSON event log (`run --event-log`), for `spamdelay ban|unban`.
     #[serde(default)]
     pub event_log: Option<std::path::PathBuf>,
+    /// The CrowdSec link (`run --crowdsec-lapi`), if on.
+    #[serde(default)]
+    pub fleet: Option<crate::fleet::FleetStatus>,
 }
 
 impl Status {

@@ -91,6 +91,7 @@ pub async fn run(args: RunArgs, state_dir: PathBuf) -> Result<()> {
             register: store.path(),
             counters: counters.clone(),
             set_size: args.set_size,
+            fleet: fleet.as_ref().map(|f| f.status.clone()),
         })
     });
     let path = BanPath::daemon(

@@ -164,6 +164,8 @@ pub struct Sources {
     pub counters: Arc<Counters>,
     /// `--set-size`: each set's capacity.
     pub set_size: u32,
+    /// `--crowdsec-lapi`'s state, if on.
+    pub fleet: Option<crate::fleet::SharedStatus>,
 }
 
 /// The daemon's metrics: cheap to clone, every update one atomic add.
@@ -239,6 +241,7 @@ impl Telemetry {
             register: sources.register,
             counters: sources.counters,
             set_size: sources.set_size,
+            fleet: sources.fleet,
             state: Mutex::default(),
         });
         registry.register_collector(Box::new(scraped.clone()));
@@ -303,6 +306,7 @@ struct Scraped {
     register: PathBuf,
     counters: Arc<Counters>,
     set_size: u32,
+    fleet: Option<crate::fleet::SharedStatus>,
     state: Mutex<ScrapeState>,
 }
 
@@ -516,7 +520,74 @@ impl Collector for Scraped {
             "Capacity of each nft set (--set-size)",
             None,
             capacity.metric_type(),
-        )?)
+        )?)?;
+        drop(state);
+        self.encode_fleet(&mut encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+impl Scraped {
+    /// The CrowdSec link's metrics, when it is on.
+    fn encode_fleet(&self, encoder: &mut DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
+        let f = fleet.lock().map(|f| f.clone()).unwrap_or_default();
+        let n = |k: &str| f.counters.get(k).copied().unwrap_or(0);
+        let up = ConstGauge::new(i64::from(f.reachable && f.last_error.is_none()));
+        up.encode(encoder.encode_descriptor(
+            "fleet_lapi_up",
+            "1 while the last call to CrowdSec's LAPI worked",
+            None,
+            up.metric_type(),
+        )?)?;
+        let spool = ConstGauge::new(f.spool as i64);
+        spool.encode(encoder.encode_descriptor(
+            "fleet_spool_entries",
+            "Bans and unbans waiting in the spool for LAPI",
+            None,
+            spool.metric_type(),
+        )?)?;
+        counter(
+            encoder,
+            "fleet_alerts_sent",
+            "Bans published to LAPI as alerts",
+            n("alerts_sent"),
+        )?;
+        counter(
+            encoder,
+            "fleet_unbans_sent",
+            "Unbans published to LAPI (decisions deleted)",
+            n("unbans_sent"),
+        )?;
+        counter(
+            encoder,
+            "fleet_spool_dropped",
+            "Spooled changes dropped, oldest first, for a full spool",
+            n("spool_dropped"),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "fleet_errors",
+            "Failed calls to LAPI, by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for kind in [
+            "unreachable",
+            "bad_credentials",
+            "not_validated",
+            "bad_key",
+            "http_error",
+        ] {
+            ConstCounter::new(n(&format!("error_{kind}")))
+                .encode(family.encode_family(&KindLabel { kind })?)?;
+        }
+        Ok(())
     }
 }
 
@@ -681,12 +752,21 @@ mod tests {
     }
 
     fn telemetry(register: &Path, kernel: KernelCounters) -> (Telemetry, Arc<Counters>) {
+        with_fleet(register, kernel, None)
+    }
+
+    fn with_fleet(
+        register: &Path,
+        kernel: KernelCounters,
+        fleet: Option<crate::fleet::SharedStatus>,
+    ) -> (Telemetry, Arc<Counters>) {
         let counters = Arc::new(Counters::default());
         let t = Telemetry::new(Sources {
             kernel,
             register: register.to_path_buf(),
             counters: counters.clone(),
             set_size: 1024,
+            fleet,
         });
         (t, counters)
     }
@@ -876,7 +956,26 @@ mod tests {
             &path,
             &[("198.51.100.7", ban(bans::now() + 60, "manual ban"))],
         );
-        let (t, _) = telemetry(&path, kernel_ok());
+        let fleet = crate::fleet::FleetStatus {
+            reachable: true,
+            spool: 3,
+            counters: [
+                ("alerts_sent".to_string(), 7),
+                ("error_unreachable".to_string(), 2),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let (t, _) = with_fleet(&path, kernel_ok(), Some(Arc::new(Mutex::new(fleet))));
+        let text = t.render().unwrap();
+        assert_eq!(value(&text, "spamdelay_fleet_alerts_sent_total"), Some(7.0));
+        assert_eq!(
+            value(&text, "spamdelay_fleet_errors_total{kind=\"unreachable\"}"),
+            Some(2.0)
+        );
+        assert_eq!(value(&text, "spamdelay_fleet_spool_entries"), Some(3.0));
+        assert_eq!(value(&text, "spamdelay_fleet_lapi_up"), Some(1.0));
         t.verdict(Verdict::Quit);
         t.applied(Duration::from_micros(70));
         let text = t.render().unwrap();

@@ -37,9 +37,11 @@ pub fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A named network namespace (`ip netns add`), deleted on drop.
+/// A named network namespace (`ip netns add`), deleted on drop (unless it
+/// is an `alias`).
 pub struct Netns {
     name: String,
+    owned: bool,
 }
 
 impl Netns {
@@ -51,13 +53,23 @@ impl Netns {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         ip(&["netns", "add", &name])?;
-        let ns = Netns { name };
+        let ns = Netns { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A handle on the same namespace that leaves it alone on drop: for a
+    /// fixture that must run things in a namespace it does not own (a
+    /// private CrowdSec LAPI restarted in the lab's namespace).
+    pub fn alias(&self) -> Netns {
+        Netns {
+            name: self.name.clone(),
+            owned: false,
+        }
     }
 
     /// `ip -n NAME ...`
@@ -117,7 +129,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
+        if self.owned {
+            let _ = ip(&["netns", "del", &self.name]);
+        }
     }
 }
 

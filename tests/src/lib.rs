@@ -4,9 +4,11 @@
 //! the benchmark.
 
 pub mod bench;
+pub mod crowdsec;
 pub mod daemon;
 pub mod fail2ban;
 pub mod flood;
+pub mod http;
 pub mod lab;
 pub mod mta;
 pub mod nft;

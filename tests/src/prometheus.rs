@@ -1,11 +1,12 @@
 //! A real Prometheus (Debian's `prometheus`) run in a lab namespace to scrape
-//! the daemon, plain HTTP GETs from inside a namespace, `promtool check
-//! metrics`, and the metric names a PromQL query or an exposition holds.
+//! the daemon, `promtool check metrics`, and the metric names a PromQL query
+//! or an exposition holds. Plain HTTP from inside a namespace is in
+//! `crate::http` (`get` and `encode` are re-exported here).
 
 use std::{
     collections::BTreeSet,
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::Write,
+    net::{SocketAddr, TcpListener},
     path::Path,
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -18,71 +19,11 @@ use nix::{
     unistd::Pid,
 };
 
+pub use crate::http::{encode, get};
 use crate::{Watched, lab::Netns};
 
 pub const PROMETHEUS: &str = "/usr/bin/prometheus";
 pub const PROMTOOL: &str = "/usr/bin/promtool";
-
-/// `GET path` on `addr` from inside `ns`: the status and the body.
-pub fn get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let path = path.to_string();
-    ns.run(move || -> Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .with_context(|| format!("connecting to {addr}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)
-            .with_context(|| format!("reading GET {path}"))?;
-        parse_response(&raw)
-    })?
-}
-
-/// Status and body of an HTTP/1.1 response (plain or chunked).
-fn parse_response(raw: &[u8]) -> Result<(u16, String)> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no end of headers in {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    if !chunked {
-        return Ok((status, body.to_string()));
-    }
-    let mut out = String::new();
-    let mut rest = body;
-    loop {
-        let (size, after) = rest.split_once("\r\n").context("a chunk size")?;
-        let size = usize::from_str_radix(size.trim(), 16).context("a hex chunk size")?;
-        if size == 0 {
-            return Ok((status, out));
-        }
-        out.push_str(after.get(..size).context("a whole chunk")?);
-        rest = after.get(size + 2..).context("a chunk's CRLF")?;
-    }
-}
-
-/// `s` percent-encoded for a URL's query.
-pub fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 /// A loopback port nobody listens on in `ns`.
 pub fn free_port(ns: &Netns) -> Result<u16> {
@@ -433,11 +374,5 @@ mod tests {
         assert!(exported(&f, "b"));
         assert!(!exported(&f, "b_sum"));
         assert!(!exported(&f, "c"));
-    }
-
-    #[test]
-    fn chunked_bodies_are_joined() {
-        let raw = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_response(raw).unwrap(), (200, "abcde".to_string()));
     }
 }

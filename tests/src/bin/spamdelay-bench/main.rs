@@ -43,7 +43,7 @@ struct Args {
     quick: bool,
     /// Run only these measurements, e.g. `--only 1,4` (1 kernel cost,
     /// 2 throughput, 3 SMTP connection rate, 4 time to ban, 5 flood scale,
-    /// 6 fail2ban, 7 bridge block).
+    /// 6 fail2ban, 7 bridge block, 8 fleet propagation).
     #[arg(long, value_name = "N[,N...]", value_delimiter = ',', value_parser = phase_number)]
     only: Option<Vec<u8>>,
 }

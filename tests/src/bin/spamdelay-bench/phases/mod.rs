@@ -1,9 +1,10 @@
-//! The seven measurements, each in a file of its own, in the order they run,
+//! The eight measurements, each in a file of its own, in the order they run,
 //! and the plan that sizes them (`--quick` or the full run).
 
 mod bridge;
 mod connection_rate;
 mod fail2ban;
+mod fleet;
 mod flood;
 mod kernel_cost;
 mod throughput;
@@ -38,6 +39,9 @@ pub(crate) struct Plan {
     /// Bridge block: blind clients that reconnect at once, and their rate.
     bridge_clients: u32,
     bridge_rate: f64,
+    /// Fleet propagation: blind clients at MX-A, and their rate.
+    fleet_clients: u32,
+    fleet_rate: f64,
 }
 
 impl Plan {
@@ -57,6 +61,8 @@ impl Plan {
                 f2b_rate: 10.0,
                 bridge_clients: 1000,
                 bridge_rate: 200.0,
+                fleet_clients: 30,
+                fleet_rate: 3.0,
             }
         } else {
             Plan {
@@ -73,6 +79,8 @@ impl Plan {
                 f2b_rate: 10.0,
                 bridge_clients: 1000,
                 bridge_rate: 100.0,
+                fleet_clients: 100,
+                fleet_rate: 5.0,
             }
         }
     }
@@ -80,7 +88,7 @@ impl Plan {
 
 type Phase = fn(&Plan) -> Result<Outcome>;
 
-pub(crate) const PHASES: [(u8, &str, Phase); 7] = [
+pub(crate) const PHASES: [(u8, &str, Phase); 8] = [
     (1, "kernel cost per packet", kernel_cost::kernel_cost),
     (2, "throughput", throughput::throughput),
     (3, "SMTP connection rate", connection_rate::connection_rate),
@@ -88,4 +96,5 @@ pub(crate) const PHASES: [(u8, &str, Phase); 7] = [
     (5, "flood scale", flood::flood_scale),
     (6, "side by side with fail2ban", fail2ban::versus_fail2ban),
     (7, "bridge block", bridge::bridge_block),
+    (8, "fleet propagation", fleet::fleet_propagation),
 ];

@@ -213,6 +213,23 @@ fn a_ban_on_one_mx_reaches_the_other_and_an_unban_lifts_it() {
         "{:#?}",
         b.lines()
     );
+    // A decision of another scenario (an admin's `cscli decisions add`)
+    // is not taken by default (`--crowdsec-scenarios spamdelay/`).
+    f.lapi
+        .cscli(&[
+            "decisions",
+            "add",
+            "-i",
+            &Lab::client_v4(5).to_string(),
+            "-d",
+            "1h",
+        ])
+        .expect("cscli decisions add");
+    std::thread::sleep(PROPAGATION);
+    assert!(
+        !lab_b.refused(5, false),
+        "another scenario's decision is not taken"
+    );
     let status = admin(&b, lab_b, &["status"]);
     assert!(status.contains("fleet: CrowdSec LAPI"), "{status}");
     assert!(status.contains("reachable"), "{status}");
@@ -308,6 +325,15 @@ fn lapi_down_bans_stay_local_and_nothing_is_lost_across_a_restart() {
         .and_then(|row| row["seconds_left"].as_u64())
         .expect("MX-B lists the ban");
     assert!((3500..3600).contains(&left), "{left} s left");
+    // LAPI restarts again (a new JWT secret): MX-A's token gets 401, it
+    // logs in again and its next ban still reaches MX-B.
+    f.lapi.restart().expect("restarting LAPI");
+    blind(lab_a, &a, 2);
+    assert!(
+        until(Duration::from_secs(4), || lab_b.refused(2, false)),
+        "a ban after LAPI's restart reaches MX-B: {:#?}",
+        a.lines()
+    );
     assert!(
         !std::fs::read_to_string(a.state().path().join("crowdsec-spool.jsonl"))
             .is_ok_and(|t| !t.is_empty()),

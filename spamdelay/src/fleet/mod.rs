@@ -78,10 +78,13 @@ pub struct FleetArgs {
     pub crowdsec_pull_every: Duration,
 
     /// Scenarios of the fleet's decisions that are applied: a prefix
-    /// (`spamdelay/`), an exact name, or `*` for all (repeat for several).
+    /// (`spamdelay/`), an exact name, or `*` for all (comma-separated or
+    /// repeated).
     #[arg(
-        long = "crowdsec-scenario",
-        value_name = "PREFIX",
+        long = "crowdsec-scenarios",
+        alias = "crowdsec-scenario",
+        value_name = "PREFIX[,PREFIX...]",
+        value_delimiter = ',',
         default_value = "spamdelay/"
     )]
     pub crowdsec_scenarios: Vec<String>,

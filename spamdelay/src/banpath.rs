@@ -629,6 +629,21 @@ impl BanPath {
         Ok(lifted)
     }
 
+    /// Lifts the ban of exactly `cidr` (not the narrower ones inside it),
+    /// without telling the observer: a ban the fleet made and lifted.
+    pub async fn lift_exactly(&mut self, locked: &mut Locked, cidr: &Cidr, now: u64) -> Result<()> {
+        let delete = [Change::Delete {
+            cidr: *cidr,
+            set: nft::set_for(cidr),
+        }];
+        if self.applier.apply(&delete).await.is_empty() {
+            anyhow::bail!("nftables refused to delete {}", show(cidr));
+        }
+        locked.register.bans.remove(cidr);
+        locked.register.forget_expired(now);
+        locked.save()
+    }
+
     /// `unban` without telling the observer: for bans lifted because the
     /// allowlist grew, or because the fleet lifted them itself.
     pub async fn lift(&mut self, locked: &mut Locked, cidr: &Cidr, now: u64) -> Result<Lifted> {

@@ -324,6 +324,13 @@ impl Enforcer {
                 .path
                 .ban(&mut locked, &self.policy, wanted, now)
                 .await?;
+            for d in &done {
+                if let Done::Banned { cidr, ban } = d
+                    && !self.dry_run
+                {
+                    self.event_log.ban(*cidr, ban, eventlog::By::Fleet, now);
+                }
+            }
             self.log_done(done);
         }
         for cidr in &foreign.lifts {
@@ -335,7 +342,8 @@ impl Enforcer {
             if !theirs || self.dry_run {
                 continue;
             }
-            self.path.lift(&mut locked, cidr, now).await?;
+            self.path.lift_exactly(&mut locked, cidr, now).await?;
+            self.event_log.unban(*cidr, eventlog::By::Fleet);
             info!("unban {}: lifted where it was decided", show(cidr));
         }
         Ok(())

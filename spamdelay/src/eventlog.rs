@@ -89,6 +89,8 @@ pub enum Action {
 pub enum By {
     Daemon,
     Admin,
+    /// Another host's ban, taken from the fleet (CrowdSec).
+    Fleet,
 }
 
 /// One line of the event log (see the module's description).

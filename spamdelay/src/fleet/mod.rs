@@ -234,14 +234,36 @@ impl Fleet {
         };
         let lapi = Lapi::new(url.clone())?;
         let spool = Spool::new(state_dir);
+        let waiting = spool.waiting();
         let status: SharedStatus = Arc::new(Mutex::new(FleetStatus {
             lapi: url.to_string(),
             publish: args.crowdsec_machine.is_some(),
             subscribe: args.crowdsec_bouncer_key_file.is_some(),
-            spool: spool.waiting(),
+            spool: waiting,
             ..Default::default()
         }));
         let published: Published = Arc::default();
+        // Said before the tasks start (the publisher takes the spool at once).
+        info!(
+            "CrowdSec LAPI {url}: {}{}{}",
+            match &args.crowdsec_machine {
+                Some(id) => format!("publishing bans as machine {id}"),
+                None => "not publishing (no --crowdsec-machine)".into(),
+            },
+            if args.crowdsec_bouncer_key_file.is_some() {
+                format!(
+                    ", taking the fleet's bans every {} (scenarios {})",
+                    crate::duration::show(args.crowdsec_pull_every),
+                    args.crowdsec_scenarios.join(" ")
+                )
+            } else {
+                ", not taking the fleet's bans (no --crowdsec-bouncer-key-file)".into()
+            },
+            match waiting {
+                0 => String::new(),
+                n => format!("; {n} waiting in the spool"),
+            }
+        );
         let (mut publisher_task, mut subscriber_task) = (None, None);
         let mut observer: Option<Arc<dyn Observer>> = None;
         let mut machine_id = None;
@@ -291,26 +313,6 @@ impl Fleet {
             };
             subscriber_task = Some(tokio::spawn(subscriber.run()));
         }
-        info!(
-            "CrowdSec LAPI {url}: {}{}{}",
-            match &args.crowdsec_machine {
-                Some(id) => format!("publishing bans as machine {id}"),
-                None => "not publishing (no --crowdsec-machine)".into(),
-            },
-            if args.crowdsec_bouncer_key_file.is_some() {
-                format!(
-                    ", taking the fleet's bans every {} (scenarios {})",
-                    crate::duration::show(args.crowdsec_pull_every),
-                    args.crowdsec_scenarios.join(" ")
-                )
-            } else {
-                ", not taking the fleet's bans (no --crowdsec-bouncer-key-file)".into()
-            },
-            match spool.waiting() {
-                0 => String::new(),
-                n => format!("; {n} waiting in the spool"),
-            }
-        );
         Ok(Some(Fleet {
             status,
             observer,

@@ -93,9 +93,9 @@ fi
 # The default config shows every setting of `run --help`, and only those.
 flags=$(spamdelay run --help | sed -n 's/^ *--\([a-z0-9-]*\).*/\1/p' | grep -vx -e config -e help)
 for flag in $flags; do
-    grep -q "^# $flag = " "$CONFFILE" || fail "$CONFFILE does not show the setting '$flag'"
+    grep -Eq "^(# )?$flag = " "$CONFFILE" || fail "$CONFFILE does not show the setting '$flag'"
 done
-for key in $(sed -n 's/^# \([a-z0-9-]*\) = .*/\1/p' "$CONFFILE"); do
+for key in $(sed -En 's/^(# )?([a-z0-9-]+) = .*/\2/p' "$CONFFILE"); do
     grep -qx -e "$key" <<<"$flags" || fail "$CONFFILE shows '$key', which spamdelay run does not know"
 done
 

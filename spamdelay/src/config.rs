@@ -177,6 +177,18 @@ pub fn check(explicit: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// clap's error as one line, without its usage and help.
+pub(crate) fn first_line(e: clap::Error) -> anyhow::Error {
+    let text = e.to_string();
+    anyhow::anyhow!(
+        "{}",
+        text.lines()
+            .next()
+            .unwrap_or("bad settings")
+            .trim_start_matches("error: ")
+    )
+}
+
 /// `run`'s arguments from settings alone, the interface not required.
 fn parse_run(settings: &[String]) -> Result<(crate::cli::RunArgs, clap::ArgMatches)> {
     use clap::FromArgMatches;
@@ -185,16 +197,7 @@ fn parse_run(settings: &[String]) -> Result<(crate::cli::RunArgs, clap::ArgMatch
         .into_iter()
         .map(String::from)
         .chain(settings.iter().cloned());
-    let matches = cmd.try_get_matches_from(argv).map_err(|e| {
-        let text = e.to_string();
-        anyhow::anyhow!(
-            "{}",
-            text.lines()
-                .next()
-                .unwrap_or("bad settings")
-                .trim_start_matches("error: ")
-        )
-    })?;
+    let matches = cmd.try_get_matches_from(argv).map_err(first_line)?;
     let run = matches
         .subcommand_matches("run")
         .context("clap gave no run matches")?

@@ -712,16 +712,7 @@ async fn reload(
 /// spliced into this process's command line, parsed by clap.
 fn reread_args() -> Result<(RunArgs, PathBuf)> {
     let argv = config::expand(std::env::args_os().collect())?;
-    let cli = Cli::try_parse_from(argv).map_err(|e| {
-        let text = e.to_string();
-        anyhow::anyhow!(
-            "{}",
-            text.lines()
-                .next()
-                .unwrap_or("bad settings")
-                .trim_start_matches("error: ")
-        )
-    })?;
+    let cli = Cli::try_parse_from(argv).map_err(config::first_line)?;
     match cli.command {
         Command::Run(args) => Ok((*args, cli.state_dir)),
         _ => bail!("the command line is no longer `run`"),

@@ -92,16 +92,7 @@ fn crowdsec() -> Result<()> {
         }
         _ => {
             eprintln!("xtask: installing crowdsec (offline: no central API)");
-            run(Command::new("apt-get").args(["update", "-qq"]))?;
-            run(Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-qq",
-                    "--no-install-recommends",
-                    "crowdsec",
-                ])
-                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+            apt_install_one("crowdsec")?;
         }
     }
     let after = dpkg_status("crowdsec")?;
@@ -110,6 +101,14 @@ fn crowdsec() -> Result<()> {
     }
     stop_system_service("crowdsec.service");
     Ok(())
+}
+
+/// `apt-get install` of one package, after refreshing the lists.
+fn apt_install_one(package: &str) -> Result<()> {
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends", package])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// `crowdsec-firewall-bouncer`, the stock nftables bouncer the benchmark
@@ -122,16 +121,7 @@ fn firewall_bouncer() -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing crowdsec-firewall-bouncer");
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "crowdsec-firewall-bouncer",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    apt_install_one("crowdsec-firewall-bouncer")?;
     stop_system_service("crowdsec-firewall-bouncer.service");
     Ok(())
 }

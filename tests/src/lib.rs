@@ -12,6 +12,7 @@ pub mod http;
 pub mod lab;
 pub mod mta;
 pub mod nft;
+pub mod nlmon;
 pub mod packet;
 pub mod prometheus;
 pub mod raw;

@@ -1,6 +1,7 @@
 //! Looking at nftables inside a lab namespace the way an admin would: `nft
 //! list` text for byte-for-byte comparisons, `nft -j` for the ban sets, and
-//! `nft monitor` for when each element went in.
+//! `nft monitor` for when each element went in (`nlmon` reads the same
+//! notifications in process).
 
 use std::{
     process::{Child, Stdio},
@@ -101,10 +102,11 @@ pub fn add_unrelated_table(ns: &Netns) -> Result<()> {
     Ok(())
 }
 
-/// One element added to a set, as `nft monitor` reported it.
+/// One element added to a set, as a watcher (`Monitor`, or
+/// `nlmon::Watcher`) reported it.
 #[derive(Clone, Debug)]
 pub struct Added {
-    /// When the monitor's line arrived here.
+    /// When the watcher's report of it arrived here.
     pub at: Instant,
     pub table: String,
     pub set: String,
@@ -115,69 +117,36 @@ pub struct Added {
 #[derive(Default)]
 struct Seen {
     added: Vec<Added>,
-    /// Committed transactions (`# new generation ...` lines), each with the
-    /// number of elements added before it.
+    /// Committed transactions, each with the number of elements added
+    /// before it.
     generations: Vec<usize>,
-    /// Any other line (the probe, tables, chains) and stderr.
+    /// Anything else the watcher reported (the probe, tables, chains,
+    /// stderr, messages it could not read).
     other: Vec<String>,
 }
 
-/// `nft monitor` running in a namespace: every element added to any set,
-/// stamped the moment nft prints it, so "banned" means "seen by nft" without
-/// polling. Stopped on drop.
-pub struct Monitor {
-    child: Child,
+/// Elements added to sets, in the order a watcher saw them, and the
+/// transactions that added them: what `Monitor` and `nlmon::Watcher` both
+/// record, and how the measurements wait for bans.
+#[derive(Clone, Default)]
+pub struct Additions {
     seen: Arc<Watched<Seen>>,
 }
 
-/// The table the monitor's readiness probe creates and deletes.
-const PROBE_TABLE: &str = "spamdelay_monitor_probe";
-
-impl Monitor {
-    /// Starts `nft monitor` in `ns` and returns once it demonstrably listens
-    /// (it has reported a probe table created after it started).
-    pub fn start(ns: &Netns) -> Result<Monitor> {
-        let mut child = ns
-            .command("nft")
-            .arg("monitor")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting nft monitor (apt-get install nftables)")?;
-        let seen: Arc<Watched<Seen>> = Arc::default();
-        let sink = seen.clone();
-        crate::read_lines(&mut child, move |line, at| {
-            sink.update(|s| {
-                if let Some((table, set, element)) = parse_added(&line) {
-                    s.added.push(Added {
-                        at,
-                        table,
-                        set,
-                        element,
-                    });
-                } else if line.starts_with("# new generation") {
-                    let n = s.added.len();
-                    s.generations.push(n);
-                } else {
-                    s.other.push(line);
-                }
-            })
+impl Additions {
+    /// Records `added`, then, with `commit`, the end of their transaction.
+    pub(crate) fn record(&self, added: impl IntoIterator<Item = Added>, commit: bool) {
+        self.seen.update(|s| {
+            s.added.extend(added);
+            if commit {
+                let n = s.added.len();
+                s.generations.push(n);
+            }
         });
-        let monitor = Monitor { child, seen };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            nft(ns, &["add", "table", "inet", PROBE_TABLE])?;
-            nft(ns, &["delete", "table", "inet", PROBE_TABLE])?;
-            if monitor.wait(Duration::from_millis(200), |s| {
-                s.other.iter().any(|l| l.contains(PROBE_TABLE))
-            }) {
-                return Ok(monitor);
-            }
-            if Instant::now() > deadline {
-                bail!("nft monitor reported nothing for 10 s");
-            }
-        }
+    }
+
+    pub(crate) fn note(&self, line: String) {
+        self.seen.update(|s| s.other.push(line));
     }
 
     /// Waits up to `timeout` for `done` to hold; whether it did.
@@ -212,7 +181,8 @@ impl Monitor {
         }
     }
 
-    fn added_to(&self, table: &str) -> usize {
+    /// How many elements were added to `table` so far.
+    pub fn added_to(&self, table: &str) -> usize {
         self.seen
             .read(|s| s.added.iter().filter(|a| a.table == table).count())
     }
@@ -220,6 +190,11 @@ impl Monitor {
     /// Every element added so far, in order.
     pub fn added(&self) -> Vec<Added> {
         self.seen.read(|s| s.added.clone())
+    }
+
+    /// When the last element (of any table) arrived, if any did.
+    pub fn last_added_at(&self) -> Option<Instant> {
+        self.seen.read(|s| s.added.last().map(|a| a.at))
     }
 
     /// Committed transactions that added at least one element to `table`.
@@ -237,9 +212,73 @@ impl Monitor {
         })
     }
 
-    /// Lines that were neither elements nor generations (errors included).
+    /// What was neither an element nor a transaction's end.
     pub fn other_lines(&self) -> Vec<String> {
         self.seen.read(|s| s.other.clone())
+    }
+}
+
+/// `nft monitor` running in a namespace: every element added to any set,
+/// stamped the moment nft prints it, so "banned" means "seen by nft" without
+/// polling. Stopped on drop. A process of its own that formats text for a
+/// pipe: under load its stamps may lag (`nlmon::Watcher` reads the same
+/// notifications in process).
+pub struct Monitor {
+    child: Child,
+    additions: Additions,
+}
+
+/// The table the monitor's readiness probe creates and deletes.
+const PROBE_TABLE: &str = "spamdelay_monitor_probe";
+
+impl Monitor {
+    /// Starts `nft monitor` in `ns` and returns once it demonstrably listens
+    /// (it has reported a probe table created after it started).
+    pub fn start(ns: &Netns) -> Result<Monitor> {
+        let mut child = ns
+            .command("nft")
+            .arg("monitor")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting nft monitor (apt-get install nftables)")?;
+        let additions = Additions::default();
+        let sink = additions.clone();
+        crate::read_lines(&mut child, move |line, at| {
+            if let Some((table, set, element)) = parse_added(&line) {
+                let added = Added {
+                    at,
+                    table,
+                    set,
+                    element,
+                };
+                sink.record([added], false);
+            } else if line.starts_with("# new generation") {
+                sink.record([], true);
+            } else {
+                sink.note(line);
+            }
+        });
+        let monitor = Monitor { child, additions };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            nft(ns, &["add", "table", "inet", PROBE_TABLE])?;
+            nft(ns, &["delete", "table", "inet", PROBE_TABLE])?;
+            if monitor.additions.wait(Duration::from_millis(200), |s| {
+                s.other.iter().any(|l| l.contains(PROBE_TABLE))
+            }) {
+                return Ok(monitor);
+            }
+            if Instant::now() > deadline {
+                bail!("nft monitor reported nothing for 10 s");
+            }
+        }
+    }
+
+    /// What the monitor has seen.
+    pub fn additions(&self) -> &Additions {
+        &self.additions
     }
 }
 

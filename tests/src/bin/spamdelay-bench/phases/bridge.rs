@@ -82,13 +82,13 @@ pub(crate) fn bridge_block(plan: &Plan) -> Result<Outcome> {
         paced_blind_reconnect(&lab, 0..n, plan.bridge_rate, dst, RECONNECT_AFTER, SYN_WAIT)?;
     // While the daemon runs: its pins go with it.
     let stamps = bridge_stamps(&daemon, &reconnects);
-    monitor.wait_added(
+    monitor.additions().wait_added(
         "spamdelay",
         sent.at.len(),
         Duration::from_secs(30),
         Duration::from_secs(5),
     );
-    let added = monitor.added();
+    let added = monitor.additions().added();
     drop(monitor);
     let lines = stop_daemon(&lab, daemon)?;
     let (nft_ms, nft_missing) = ban_delays(&added, "spamdelay", &sent);

@@ -48,8 +48,8 @@ pub(crate) fn versus_fail2ban(plan: &Plan) -> Result<Outcome> {
     // first IPv6 ban, a one-time cost that is not its ban latency.
     let warm = paced_blind(&lab, 0..1, 1.0, dst)?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while ban_delays(&monitor.added(), fail2ban::TABLE, &warm).1 > 0
-        || ban_delays(&monitor.added(), "spamdelay", &warm).1 > 0
+    while ban_delays(&monitor.additions().added(), fail2ban::TABLE, &warm).1 > 0
+        || ban_delays(&monitor.additions().added(), "spamdelay", &warm).1 > 0
     {
         check_interrupted()?;
         if Instant::now() > deadline {
@@ -67,19 +67,19 @@ pub(crate) fn versus_fail2ban(plan: &Plan) -> Result<Outcome> {
         plan.f2b_rate
     );
     let sent = paced_blind(&lab, 1..n + 1, plan.f2b_rate, dst)?;
-    monitor.wait_added(
+    monitor.additions().wait_added(
         "spamdelay",
         sent.at.len() + 1,
         Duration::from_secs(10),
         Duration::from_secs(5),
     );
-    monitor.wait_added(
+    monitor.additions().wait_added(
         fail2ban::TABLE,
         sent.at.len() + 1,
         Duration::from_secs(60),
         Duration::from_secs(15),
     );
-    let added = monitor.added();
+    let added = monitor.additions().added();
     let (sd_ms, sd_missing) = ban_delays(&added, "spamdelay", &sent);
     let (f2b_ms, f2b_missing) = ban_delays(&added, fail2ban::TABLE, &sent);
     let clients: std::collections::HashSet<IpAddr> =

@@ -141,21 +141,21 @@ pub(crate) fn fleet_propagation(plan: &Plan) -> Result<Outcome> {
     );
     let dst = SocketAddr::new(SERVER_V6.into(), 25);
     let sent = paced_blind(&fleet.lab_a, 0..n, plan.fleet_rate, dst)?;
-    monitor.wait_added(
+    monitor.additions().wait_added(
         "spamdelay",
         sent.at.len(),
         Duration::from_secs(15),
         Duration::from_secs(5),
     );
     if stock.is_some() {
-        monitor.wait_added(
+        monitor.additions().wait_added(
             BOUNCER_TABLE,
             sent.at.len(),
             Duration::from_secs(25),
             Duration::from_secs(12),
         );
     }
-    let added = monitor.added();
+    let added = monitor.additions().added();
     let (sd_ms, sd_missing) = ban_delays(&added, "spamdelay", &sent);
     let (stock_ms, stock_missing) = ban_delays(&added, BOUNCER_TABLE, &sent);
     drop(stock);

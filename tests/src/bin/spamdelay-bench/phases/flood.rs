@@ -1,5 +1,7 @@
 //! Measurement 5, flood scale: many distinct IPv6 early talkers at once; the
-//! ban pace as the set grows, verdicts lost, the daemon's memory and CPU.
+//! ban pace as the set grows, verdicts lost, the daemon's memory and CPU;
+//! then the daemon's own pace on a backlog the load generator cannot limit
+//! (`backlog`).
 
 use std::{
     net::SocketAddr,
@@ -13,7 +15,8 @@ use spamdelay_tests::{
     daemon,
     flood::SilentServer,
     lab::{Lab, SERVER_V6},
-    nft::{self, Monitor},
+    nft,
+    nlmon::Watcher,
 };
 
 use crate::{
@@ -22,7 +25,7 @@ use crate::{
         ACCEPT_BACKLOG, burst_blind, prepare_many_clients, rate_of, start_daemon, stop_counter,
         stop_daemon,
     },
-    phases::Plan,
+    phases::{Plan, backlog},
     report::{Outcome, Ratio, Row, Verdict},
 };
 
@@ -35,7 +38,7 @@ pub(crate) fn flood_scale(plan: &Plan) -> Result<Outcome> {
     let set_size = (2 * n).next_power_of_two().max(65536).to_string();
     let daemon = start_daemon(&lab, &["--mta", "none", "--set-size", &set_size])?;
     let pid = daemon.pid();
-    let monitor = Monitor::start(&lab.server)?;
+    let watcher = Watcher::start(&lab.server)?;
     let dst = SocketAddr::new(SERVER_V6.into(), 25);
 
     eprintln!("bench: 5. {n} distinct IPv6 early talkers, as fast as the lab connects");
@@ -55,10 +58,12 @@ pub(crate) fn flood_scale(plan: &Plan) -> Result<Outcome> {
     let seen = loop {
         check_interrupted()?;
         let step = Duration::from_secs(5);
-        let seen = monitor.wait_added("spamdelay", target, step, step);
+        let seen = watcher
+            .additions()
+            .wait_added("spamdelay", target, step, step);
         if seen >= target
             || Instant::now() >= deadline
-            || monitor_quiet_for(&monitor, Duration::from_secs(20))
+            || quiet_for(&watcher, Duration::from_secs(20))
         {
             break seen;
         }
@@ -70,7 +75,8 @@ pub(crate) fn flood_scale(plan: &Plan) -> Result<Outcome> {
     // When the k-th ban reached nft, from the first payload: shows whether
     // the pace holds as the set grows.
     let first_payload = sent.at.iter().map(|(_, t)| *t).min().unwrap_or(t0);
-    let banned_at: Vec<f64> = monitor
+    let banned_at: Vec<f64> = watcher
+        .additions()
         .added()
         .iter()
         .filter(|a| a.table == "spamdelay")
@@ -81,8 +87,10 @@ pub(crate) fn flood_scale(plan: &Plan) -> Result<Outcome> {
         .filter_map(|k| Some((k, *banned_at.get(k - 1)?)))
         .collect();
     let cost = proc_cost(pid)?;
-    let transactions = monitor.transactions_adding_to("spamdelay");
-    drop(monitor);
+    let transactions = watcher.additions().transactions_adding_to("spamdelay");
+    let watched = watcher.describe();
+    let overruns = watcher.overruns();
+    watcher.stop()?;
     let in_nft = nft::elements(&lab.server, "early_talkers_v6").len();
     let (ok, listed, err) = daemon.admin(&lab.server, &["list", "--json"])?;
     let listed = if ok {
@@ -94,6 +102,9 @@ pub(crate) fn flood_scale(plan: &Plan) -> Result<Outcome> {
         0
     };
     let lines = stop_daemon(&lab, daemon)?;
+    check_interrupted()?;
+    eprintln!("bench: 5. the daemon's own pace: backlogs queued while it is stopped");
+    let drained = backlog::drain(&lab, n..2 * n, &set_size)?;
     let accepted = server.stop()?;
 
     let count = |p: &str| lines.iter().filter(|l| l.starts_with(p)).count();
@@ -200,11 +211,12 @@ pub(crate) fn flood_scale(plan: &Plan) -> Result<Outcome> {
     out.rows.push(Row::info(
         "flood: nft transactions",
         format!(
-            "{transactions} seen by nft monitor, {} ban batches in the log ({:.0} bans each)",
+            "{transactions} seen by the watcher, {} ban batches in the log ({:.0} bans each)",
             daemon::ban_batches(&lines),
             in_nft as f64 / transactions.max(1) as f64
         ),
     ));
+    drained.report(&mut out);
     if sent.errors > 0 {
         out.notes.push(format!(
             "flood: {} clients could not connect ({})",
@@ -219,14 +231,16 @@ pub(crate) fn flood_scale(plan: &Plan) -> Result<Outcome> {
         ));
     }
     out.notes.push(
-        "flood: sources are addresses of one AnyIP route in the client namespace (IPV6_FREEBIND sockets, each reset right after its payload); adding 100,000 addresses to an interface takes tens of minutes (quadratic). While the lab connects, its clients and server use every core: `nft monitor` (and so each ban's timestamp) may lag then".into(),
+        "flood: sources are addresses of one AnyIP route in the client namespace (IPV6_FREEBIND sockets, each reset right after its payload); adding 100,000 addresses to an interface takes tens of minutes (quadratic). While the lab connects, its clients and server use every core: the end-to-end rate is the lab's connect rate as much as the daemon's (the backlog row is the daemon's alone)".into(),
     );
+    out.notes
+        .push(format!("flood: ban stamps by the {watched}"));
     out.detail.insert(
         "flood".into(),
         json!({
             "clients": n, "connected": sent.at.len(), "connect_errors": sent.errors,
             "connect_seconds": connected_in.as_secs_f64(),
-            "ban_seconds": elapsed, "bans_seen_by_monitor": seen, "in_nft": in_nft,
+            "ban_seconds": elapsed, "bans_seen_by_watcher": seen, "in_nft": in_nft,
             "bans_per_second_first_to_last_ban": rates.map(|r| r.between_bans),
             "bans_per_second_from_first_payload": rates.map(|r| r.from_first_payload),
             "milestones_seconds": milestones.iter().map(|(k, t)| json!({"bans": k, "seconds": t})).collect::<Vec<_>>(),
@@ -239,13 +253,15 @@ pub(crate) fn flood_scale(plan: &Plan) -> Result<Outcome> {
             "peak_rss_kib": cost.peak_rss_kib, "cpu_seconds": cost.cpu_s,
             "nft_children_cpu_seconds": cost.children_cpu_s,
             "server_accepted": accepted, "set_size": set_size,
+            "watcher": {"kind": "nlmon", "description": watched, "overruns": overruns},
         }),
     );
+    out.detail.insert("backlog".into(), drained.json());
     Ok(out)
 }
 
 /// Target: bans per second from the first ban to the last.
-const MIN_BANS_PER_S: u32 = 20_000;
+pub(crate) const MIN_BANS_PER_S: u32 = 20_000;
 
 /// Bans per second over a flood.
 #[derive(Clone, Copy)]
@@ -271,10 +287,10 @@ impl BanRates {
     }
 }
 
-/// True when the monitor saw no element for `quiet`.
-fn monitor_quiet_for(monitor: &Monitor, quiet: Duration) -> bool {
-    monitor
-        .added()
-        .last()
-        .is_none_or(|a| a.at.elapsed() >= quiet)
+/// True when the watcher saw no element for `quiet`.
+fn quiet_for(watcher: &Watcher, quiet: Duration) -> bool {
+    watcher
+        .additions()
+        .last_added_at()
+        .is_none_or(|at| at.elapsed() >= quiet)
 }

@@ -1,6 +1,7 @@
 //! The eight measurements, each in a file of its own, in the order they run,
 //! and the plan that sizes them (`--quick` or the full run).
 
+mod backlog;
 mod bridge;
 mod connection_rate;
 mod fail2ban;

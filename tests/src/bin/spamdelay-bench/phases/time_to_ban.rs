@@ -1,5 +1,6 @@
 //! Measurement 4, time to ban: blind clients at a modest rate, then all at
-//! once, from first payload to the element `nft monitor` sees; nft's floor.
+//! once, from first payload to the element nf_tables announces (read in
+//! process, `nlmon::Watcher`); nft's floor.
 
 use std::{
     io::Write,
@@ -15,7 +16,8 @@ use spamdelay_tests::{
     daemon,
     flood::SilentServer,
     lab::{Lab, SERVER_V6},
-    nft::{self, Monitor},
+    nft,
+    nlmon::Watcher,
 };
 
 use crate::{
@@ -34,39 +36,42 @@ pub(crate) fn time_to_ban(plan: &Plan) -> Result<Outcome> {
     prepare_many_clients(&lab)?;
     let _server = SilentServer::start(&lab.server, 25, ACCEPT_BACKLOG)?;
     let daemon = start_daemon(&lab, &["--mta", "none", "--set-size", "65536"])?;
-    let monitor = Monitor::start(&lab.server)?;
+    let watcher = Watcher::start(&lab.server)?;
     let dst = SocketAddr::new(SERVER_V6.into(), 25);
     let n = plan.ttb_clients;
 
     eprintln!("bench: 4. {n} blind clients at {:.0}/s", plan.ttb_rate);
     let modest = paced_blind(&lab, 0..n, plan.ttb_rate, dst)?;
-    monitor.wait_added(
+    watcher.additions().wait_added(
         "spamdelay",
         modest.at.len(),
         Duration::from_secs(30),
         Duration::from_secs(5),
     );
-    let (modest_ms, modest_missing) = ban_delays(&monitor.added(), "spamdelay", &modest);
+    let (modest_ms, modest_missing) =
+        ban_delays(&watcher.additions().added(), "spamdelay", &modest);
 
     check_interrupted()?;
     eprintln!("bench: 4. {n} blind clients at once");
     let burst = burst_blind(&lab, n..2 * n, dst, false)?;
-    monitor.wait_added(
+    watcher.additions().wait_added(
         "spamdelay",
         modest.at.len() + burst.at.len(),
         Duration::from_secs(60),
         Duration::from_secs(5),
     );
-    let (burst_ms, burst_missing) = ban_delays(&monitor.added(), "spamdelay", &burst);
-    let transactions = monitor.transactions_adding_to("spamdelay");
+    let (burst_ms, burst_missing) = ban_delays(&watcher.additions().added(), "spamdelay", &burst);
+    let transactions = watcher.additions().transactions_adding_to("spamdelay");
     let lines = stop_daemon(&lab, daemon)?;
-    drop(monitor);
+    let watched = watcher.describe();
+    let overruns = watcher.overruns();
+    watcher.stop()?;
     let nft_ms = nft_run_ms(&lab)?;
 
     let mut out = Outcome::default();
     out.rows.push(Row {
         metric: format!(
-            "time to ban, first payload → element seen by `nft monitor`, {} clients at {:.0}/s",
+            "time to ban, first payload → element announced by nf_tables (in-process watcher), {} clients at {:.0}/s",
             modest.at.len(),
             plan.ttb_rate
         ),
@@ -111,6 +116,9 @@ pub(crate) fn time_to_ban(plan: &Plan) -> Result<Outcome> {
         }
     }
     out.notes.push(format!(
+        "time to ban: stamps by the {watched}; each stamp is taken as the notification's datagram is received, after the transaction committed"
+    ));
+    out.notes.push(format!(
         "time to ban: {transactions} nft transactions for {} bans; a lone verdict goes to nft at once, and the verdicts that arrive during one transaction make up the next batch (at most {}); the daemon writes its elements over netlink in process; for comparison, one `nft -j -f -` run adding one element to a small set takes {nft_ms:.1} ms here (median of {NFT_PROBE_RUNS}), what a ban would cost through an `nft` child",
         modest_ms.len() + burst_ms.len(),
         spamdelay::enforcer::BATCH_MAX
@@ -125,6 +133,10 @@ pub(crate) fn time_to_ban(plan: &Plan) -> Result<Outcome> {
     );
     out.detail
         .insert("nft_transactions".into(), json!(transactions));
+    out.detail.insert(
+        "watcher".into(),
+        json!({"kind": "nlmon", "description": watched, "overruns": overruns}),
+    );
     out.detail.insert("nft_run_ms".into(), json!(nft_ms));
     out.detail.insert(
         "ban_batches_in_log".into(),

@@ -5,6 +5,7 @@ use std::{
     collections::{HashMap, VecDeque},
     net::{Ipv6Addr, SocketAddr, TcpStream},
     ops::Range,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -83,9 +84,50 @@ pub(crate) fn check_tools() -> Result<()> {
     )
 }
 
-/// The release daemon on the server's veth with `args` after `--iface`;
-/// checked to be attached with TCX, as the empty baseline is.
+/// How the daemon is scheduled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Priority {
+    /// As the packaged unit runs it (`CPUSchedulingPolicy=fifo`,
+    /// `CPUSchedulingPriority=1` in dist/systemd/spamdelay.service).
+    Unit,
+    /// The default policy, as `spamdelay run` from a shell.
+    Normal,
+}
+
+impl Priority {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Priority::Unit => "SCHED_FIFO 1, as the packaged unit runs it",
+            Priority::Normal => "normal priority, as run from a shell",
+        }
+    }
+}
+
+/// Gives every thread of `pid` the unit's scheduling (`chrt -f -a -p 1`);
+/// threads it starts later inherit it, as under systemd.
+fn as_the_unit_runs_it(pid: u32) -> Result<()> {
+    let out = Command::new("chrt")
+        .args(["-f", "-a", "-p", "1", &pid.to_string()])
+        .output()
+        .context("running chrt (util-linux)")?;
+    if !out.status.success() {
+        bail!(
+            "chrt -f -a -p 1 {pid}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The release daemon on the server's veth with `args` after `--iface`,
+/// scheduled as the packaged unit runs it; checked to be attached with TCX,
+/// as the empty baseline is.
 pub(crate) fn start_daemon(lab: &Lab, args: &[&str]) -> Result<Daemon> {
+    start_daemon_at(lab, args, Priority::Unit)
+}
+
+/// `start_daemon` with the given scheduling.
+pub(crate) fn start_daemon_at(lab: &Lab, args: &[&str], priority: Priority) -> Result<Daemon> {
     let mut all = vec!["--iface", SERVER_IF];
     all.extend_from_slice(args);
     let d = Daemon::start(&lab.server, &all)?;
@@ -100,6 +142,9 @@ pub(crate) fn start_daemon(lab: &Lab, args: &[&str]) -> Result<Daemon> {
         .is_some_and(|(_, how)| how.starts_with("tcx)") || how.starts_with("tcx,"));
     if !tcx {
         bail!("spamdelay did not attach with TCX ({watching:?}): the baseline would not compare");
+    }
+    if priority == Priority::Unit {
+        as_the_unit_runs_it(d.pid())?;
     }
     Ok(d)
 }

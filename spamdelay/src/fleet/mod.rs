@@ -706,7 +706,11 @@ impl Publisher {
                                     p.insert(*cidr, *expires);
                                 }
                             }
-                            p.retain(|_, expires| *expires > now);
+                            // Ended bans go now and then, not at every
+                            // batch: a flood publishes thousands of batches.
+                            if p.len() > 1024 && p.len().is_power_of_two() {
+                                p.retain(|_, expires| *expires > now);
+                            }
                         }
                         count(&self.health.status, "alerts_sent", alerts.len() as u64);
                     }

@@ -4,7 +4,10 @@
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
-#[repr(C)]
+/// Aligned to 8 (same size and offsets as with its natural 2): the kernel
+/// reads it as five 64-bit words to fingerprint it (spamdelay-ebpf's
+/// `done.rs`).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowKey {
     /// Client address, network byte order.
@@ -94,7 +97,9 @@ pub struct SynData {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Flow {
-    /// `bpf_ktime_get_ns()` when the handshake was verified.
+    /// CLOCK_BOOTTIME (`bpf_ktime_get_boot_ns()`) when the handshake was
+    /// verified: the clock of the passes and the bridge block too, so that a
+    /// verdict reads one clock, once.
     pub verified_ns: u64,
     /// The server's initial sequence number (from its SYN-ACK).
     pub server_isn: u32,

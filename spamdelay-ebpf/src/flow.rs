@@ -57,11 +57,7 @@
 //! computes it anyway, and a client that sends itself a bad one is only
 //! ever judged on bytes its own ACK vouches for.
 
-use aya_ebpf::{
-    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns},
-    maps::lpm_trie::Key,
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key, programs::TcContext};
 use spamdelay_common::{
     ClientAddr, Event, FAMILY_V4, Flow, FlowKey, PAYLOAD_CAPTURE, Stat, Verdict,
     event::{HOW_FRAGMENT, HOW_SYN},
@@ -73,13 +69,14 @@ use spamdelay_common::{
 };
 
 use crate::{
+    done,
     greeting::{Scan, scan_greeting},
     maps::{
         ALLOW_V4, ALLOW_V6, BRIDGE, EVENTS, FLOWS, FragKey, HALF_OPEN, PASSERS, PIPE_V4, PIPE_V6,
         PROBES, SYN_DATA, TCP_TAILS, TINY_FIRSTS, TailPart, TinyFirst, bridge_ns, count,
-        pass_ttl_ns, pipeconnect_mode,
+        pass_ttl_ns, pipeconnect_mode, syn_data_recent, syn_data_seen,
     },
-    parse::{Part, Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpTail, payload_bytes},
+    parse::{self, Dir, Part, Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpTail, payload_bytes},
     trace::{GiveUp, given_up},
 };
 
@@ -109,6 +106,52 @@ fn in_window(seq: u32, end: u32, s: u32, e: u32) -> bool {
     seq == s || (seq_after(end, s) && seq_after(e, seq)) || (seq == e && seq == end)
 }
 
+/// The fast path, for a segment in the usual frame (`Look::Plain`): one
+/// that needs no following is counted and done with here, before the full
+/// parse and its stack frame. Most segments of an SMTP session are: those
+/// of a decided flow (its close drops it from `FLOWS`), the client's SYN,
+/// the server's empty ACKs.
+#[inline(never)]
+pub fn settled<const FROM_CLIENT: bool>(ctx: &TcContext) -> bool {
+    let dir = if FROM_CLIENT {
+        Dir::FromClient
+    } else {
+        Dir::FromServer
+    };
+    let Some(seg) = parse::plain(ctx, dir) else {
+        return false;
+    };
+    if seg.has(TCP_SYN) {
+        // A SYN-ACK starts a handshake; a client's SYN needs more than
+        // counting only for Fast Open data or the bridge block.
+        let idle = if FROM_CLIENT {
+            seg.payload_len == 0 && (seg.has(TCP_ACK) || bridge_ns() == 0)
+        } else {
+            !seg.has(TCP_ACK)
+        };
+        if idle {
+            count(Stat::Packets);
+        }
+        return idle;
+    }
+    let closing = seg.has(TCP_FIN) || seg.has(TCP_RST);
+    // From the server, neither greeting bytes nor a close (`from_server`);
+    // from the client an empty ACK may complete a handshake.
+    if !FROM_CLIENT && seg.payload_len == 0 && !closing {
+        count(Stat::Packets);
+        return true;
+    }
+    let Some(done) = done::find(&seg.key) else {
+        return false;
+    };
+    count(Stat::Packets);
+    if closing && done.in_flows {
+        let _ = FLOWS.remove(&seg.key);
+        done.left_flows();
+    }
+    true
+}
+
 /// A segment leaving the server (tc egress).
 #[inline(always)]
 pub fn from_server(ctx: &TcContext, seg: &Segment) {
@@ -127,6 +170,15 @@ pub fn from_server(ctx: &TcContext, seg: &Segment) {
         return;
     }
     let key = key(&seg.dst, &seg.src, seg.dport, seg.sport, seg.family);
+    // A decided flow (most segments of a session): nothing to follow, at
+    // most its entry in FLOWS to drop at its close.
+    if let Some(done) = done::find(&key) {
+        if closing && done.in_flows {
+            let _ = FLOWS.remove(&key);
+            done.left_flows();
+        }
+        return;
+    }
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         return;
     };
@@ -142,8 +194,10 @@ pub fn from_server(ctx: &TcContext, seg: &Segment) {
         match scan {
             Scan::Complete => {
                 if flow.flags & FLAG_PROBED == 0 {
-                    emit(ctx, &key, flow, Verdict::Pass, None, 0);
-                    remember_pass(&key);
+                    // One clock read for the event and the pass.
+                    let now = boot_ns();
+                    emit(ctx, &key, flow, Verdict::Pass, None, 0, now);
+                    remember_pass(&key, now);
                 }
                 flow.state = STATE_DONE;
             }
@@ -155,17 +209,23 @@ pub fn from_server(ctx: &TcContext, seg: &Segment) {
             }
         }
     }
+    let decided = flow.state == STATE_DONE;
     if closing {
-        if flow.state != STATE_DONE {
+        if !decided {
             count(Stat::ServerClosed);
         }
         let _ = FLOWS.remove(&key);
+    }
+    if decided {
+        done::mark(&key, !closing);
     }
 }
 
 /// The server answers a SYN: a handshake starts (or its SYN-ACK is resent).
 #[inline(always)]
 fn syn_ack(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
+    // Whatever was decided under this key is over, resent SYN-ACK or not.
+    done::forget(key);
     if let Some(old) = HALF_OPEN.get_ptr(key) {
         if unsafe { (*old).server_isn } == seg.seq {
             return;
@@ -188,7 +248,9 @@ fn syn_ack(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
     if allowlisted(key) {
         count(Stat::Allowlisted);
         half.allowlisted = 1;
-    } else if let Some(syn) = SYN_DATA.get_ptr(key) {
+    } else if syn_data_recent()
+        && let Some(syn) = SYN_DATA.get_ptr(key)
+    {
         let syn = unsafe { &*syn };
         // Fast Open data taken with the SYN: the SYN-ACK acknowledges it.
         if syn.len > 0 && seg.ack == syn.isn.wrapping_add(1).wrapping_add(syn.len) {
@@ -239,6 +301,13 @@ pub fn from_client(ctx: &TcContext, seg: &Segment) -> Fate {
         }
         return Fate::Pass;
     }
+    if let Some(done) = done::find(&key) {
+        if (seg.has(TCP_FIN) || seg.has(TCP_RST)) && done.in_flows {
+            let _ = FLOWS.remove(&key);
+            done.left_flows();
+        }
+        return Fate::Pass;
+    }
     if let Some(flow) = FLOWS.get_ptr_mut(&key) {
         established(ctx, &key, unsafe { &mut *flow }, seg);
         return Fate::Pass;
@@ -277,12 +346,12 @@ fn bridged(key: &FlowKey) -> bool {
 
 /// An early talker was flagged: bridge until its ban is in place.
 #[inline(always)]
-fn bridge(key: &FlowKey) {
+fn bridge(key: &FlowKey, now: u64) {
     let time = bridge_ns();
     if time == 0 {
         return;
     }
-    let until = unsafe { bpf_ktime_get_boot_ns() }.wrapping_add(time);
+    let until = now.wrapping_add(time);
     let _ = BRIDGE.insert(&client_addr(key), &until, 0);
 }
 
@@ -298,6 +367,8 @@ fn syn_with_data(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
         payload: [0; PAYLOAD_CAPTURE],
     };
     syn.captured = payload_bytes(ctx, seg.payload_off, seg.payload_len, &mut syn.payload);
+    // Before the insert: a SYN-ACK that finds the entry finds the mark too.
+    syn_data_seen();
     let _ = SYN_DATA.insert(key, &syn, 0);
 }
 
@@ -336,7 +407,7 @@ fn handshake(ctx: &TcContext, key: &FlowKey, half: &HalfOpen, seg: &Segment) {
         return;
     }
     let flow = Flow {
-        verified_ns: unsafe { bpf_ktime_get_ns() },
+        verified_ns: boot_ns(),
         server_isn: half.server_isn,
         client_next: c,
         server_next: half.server_isn.wrapping_add(1),
@@ -355,6 +426,7 @@ fn handshake(ctx: &TcContext, key: &FlowKey, half: &HalfOpen, seg: &Segment) {
         return;
     }
     if half.allowlisted != 0 {
+        done::mark(key, true);
         return;
     }
     count(Stat::FlowsTracked);
@@ -386,6 +458,9 @@ fn handshake(ctx: &TcContext, key: &FlowKey, half: &HalfOpen, seg: &Segment) {
         }
         let _ = SYN_DATA.remove(key);
         judge_talk(ctx, key, flow, &talk);
+        if flow.state == STATE_DONE {
+            done::mark(key, true);
+        }
         return;
     }
     // The handshake's own ACK may carry data: judged like any later segment.
@@ -399,8 +474,11 @@ fn established(ctx: &TcContext, key: &FlowKey, flow: &mut Flow, seg: &Segment) {
     if flow.state == STATE_GREETING {
         greeting_wait(ctx, key, flow, seg);
     }
-    if closing && flow.state == STATE_DONE {
-        let _ = FLOWS.remove(key);
+    if flow.state == STATE_DONE {
+        if closing {
+            let _ = FLOWS.remove(key);
+        }
+        done::mark(key, !closing);
     }
 }
 
@@ -543,6 +621,9 @@ pub fn tcp_tail(ctx: &TcContext, tail: &TcpTail) {
         ip_id: tail.ip_id,
     };
     greeting_wait(ctx, &first.key, flow, &seg);
+    if flow.state == STATE_DONE {
+        done::mark(&first.key, true);
+    }
 }
 
 /// The client closed before the greeting.
@@ -550,7 +631,7 @@ pub fn tcp_tail(ctx: &TcContext, tail: &TcpTail) {
 fn quit(ctx: &TcContext, key: &FlowKey, flow: &mut Flow) {
     // A client that probed has spoken already: its hang-up says nothing.
     if flow.flags & FLAG_PROBED == 0 {
-        emit(ctx, key, flow, Verdict::Quit, None, 0);
+        emit(ctx, key, flow, Verdict::Quit, None, 0, boot_ns());
     }
     flow.state = STATE_DONE;
 }
@@ -592,20 +673,30 @@ fn judge_talk(ctx: &TcContext, key: &FlowKey, flow: &mut Flow, talk: &Talk) {
         // Followed on: anything more before the greeting is judged as usual.
         flow.flags |= FLAG_PROBED;
         flow.client_next = flow.client_next.wrapping_add(talk.bytes);
-        emit(ctx, key, flow, Verdict::Probe, Some(talk), 0);
+        emit(ctx, key, flow, Verdict::Probe, Some(talk), 0, boot_ns());
         return;
     }
-    match passed_before(key) {
+    // One clock read for the event, the pass and the bridge block.
+    let now = boot_ns();
+    match passed_before(key, now) {
         Some(passed) => {
-            emit(ctx, key, flow, Verdict::Pipeconnect, Some(talk), passed);
+            emit(
+                ctx,
+                key,
+                flow,
+                Verdict::Pipeconnect,
+                Some(talk),
+                passed,
+                now,
+            );
             // A client that keeps piping from the cache it built by waiting
             // here keeps its standing: Exim's cache may outlive the TTL,
             // and a real sender must not be banned for using it.
-            remember_pass(key);
+            remember_pass(key, now);
         }
         None => {
-            emit(ctx, key, flow, Verdict::EarlyTalk, Some(talk), 0);
-            bridge(key);
+            emit(ctx, key, flow, Verdict::EarlyTalk, Some(talk), 0, now);
+            bridge(key, now);
         }
     }
     flow.state = STATE_DONE;
@@ -634,10 +725,17 @@ fn client_addr(key: &FlowKey) -> ClientAddr {
     }
 }
 
+/// CLOCK_BOOTTIME in ns: the clock of the passes and the bridge block, and
+/// of a flow's handshake time, so that a verdict reads the clock once.
+#[inline(always)]
+fn boot_ns() -> u64 {
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
 /// A client that waited for a greeting: remembered for PIPECONNECT.
 #[inline(always)]
-fn remember_pass(key: &FlowKey) {
-    let expires = unsafe { bpf_ktime_get_boot_ns() }.wrapping_add(pass_ttl_ns());
+fn remember_pass(key: &FlowKey, now: u64) {
+    let expires = now.wrapping_add(pass_ttl_ns());
     let addr = client_addr(key);
     // A client that passed before (any regular sender) is renewed in place:
     // an LRU insert takes a fresh element and frees the old one, several
@@ -652,7 +750,7 @@ fn remember_pass(key: &FlowKey) {
 /// When the client passed before (CLOCK_BOOTTIME ns), if the MTA advertises
 /// PIPECONNECT to it and that pass is within the TTL.
 #[inline(always)]
-fn passed_before(key: &FlowKey) -> Option<u64> {
+fn passed_before(key: &FlowKey, now: u64) -> Option<u64> {
     let advertised = match pipeconnect_mode() {
         PIPECONNECT_ALL => true,
         PIPECONNECT_LISTED => {
@@ -670,7 +768,6 @@ fn passed_before(key: &FlowKey) -> Option<u64> {
         return None;
     }
     let expires = unsafe { PASSERS.get(&client_addr(key)) }.copied()?;
-    let now = unsafe { bpf_ktime_get_boot_ns() };
     if now < expires {
         Some(expires.wrapping_sub(pass_ttl_ns()))
     } else {
@@ -687,6 +784,7 @@ fn emit(
     verdict: Verdict,
     talk: Option<&Talk>,
     passed_boot_ns: u64,
+    now: u64,
 ) {
     count(match verdict {
         Verdict::EarlyTalk => Stat::EarlyTalk,
@@ -700,7 +798,6 @@ fn emit(
         given_up(ctx, key, GiveUp::RingFull);
         return;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     let ev = entry.as_mut_ptr();
     unsafe {
         (*ev).key = *key;

@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod done;
 mod flow;
 mod greeting;
 mod maps;
@@ -16,7 +17,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use flow::Fate;
-use parse::{Dir, Packet};
+use parse::{Dir, Look, Packet};
 
 /// Client to server. Watches: `TC_ACT_UNSPEC` (TCX_NEXT) lets every program
 /// after it run, the next TCX link and legacy clsact filters alike; any
@@ -25,12 +26,14 @@ use parse::{Dir, Packet};
 /// early talker's new SYNs until its ban is in place (`--bridge-time`).
 #[classifier]
 pub fn spamdelay_ingress(ctx: TcContext) -> i32 {
-    // Most traffic leaves here, before the call into the (large, so not
-    // inlined) rest and its stack frame.
-    if !parse::may_be_watched(&ctx, Dir::FromClient) {
-        return TC_ACT_UNSPEC;
+    // Most traffic leaves at the first look, most of an SMTP session's on
+    // the fast path; both before the call into the (large, so not inlined)
+    // rest and its stack frame.
+    match parse::look(&ctx, Dir::FromClient) {
+        Look::Ignore => TC_ACT_UNSPEC,
+        Look::Plain if flow::settled::<true>(&ctx) => TC_ACT_UNSPEC,
+        _ => ingress(&ctx),
     }
-    ingress(&ctx)
 }
 
 #[inline(never)]
@@ -50,12 +53,18 @@ fn ingress(ctx: &TcContext) -> i32 {
 /// Server to client.
 #[classifier]
 pub fn spamdelay_egress(ctx: TcContext) -> i32 {
-    // The same early exit as ingress's, once per packet.
-    if !parse::may_be_watched(&ctx, Dir::FromServer) {
-        return TC_ACT_UNSPEC;
+    // The same first look and fast path as ingress's.
+    match parse::look(&ctx, Dir::FromServer) {
+        Look::Ignore => TC_ACT_UNSPEC,
+        Look::Plain if flow::settled::<false>(&ctx) => TC_ACT_UNSPEC,
+        _ => egress(&ctx),
     }
-    if let Some(Packet::Segment(seg)) = parse::packet(&ctx, Dir::FromServer) {
-        flow::from_server(&ctx, &seg);
+}
+
+#[inline(never)]
+fn egress(ctx: &TcContext) -> i32 {
+    if let Some(Packet::Segment(seg)) = parse::packet(ctx, Dir::FromServer) {
+        flow::from_server(ctx, &seg);
     }
     TC_ACT_UNSPEC
 }

@@ -1,8 +1,9 @@
 //! The kernel program's maps and read-only configuration.
 
 use aya_ebpf::{
+    helpers::bpf_jiffies64,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use spamdelay_common::{
     ClientAddr, Flow, FlowKey, MAX_PORTS, Stat,
@@ -11,9 +12,15 @@ use spamdelay_common::{
 };
 
 /// Watched server ports, host byte order; unused slots repeat a used one.
-/// Set by the loader (`EbpfLoader::set_global`).
+/// Set by the loader (`EbpfLoader::set_global`), 16 bytes as the loader's
+/// `[u16; MAX_PORTS]`; aligned to 8, so `watched` reads them four at a time.
 #[unsafe(no_mangle)]
-pub static PORTS: [u16; MAX_PORTS] = [25; MAX_PORTS];
+pub static PORTS: Ports = Ports([25; MAX_PORTS]);
+
+#[repr(C, align(8))]
+pub struct Ports(pub [u16; MAX_PORTS]);
+
+const _: () = assert!(MAX_PORTS == 8 && core::mem::size_of::<Ports>() == 16);
 
 /// To whom the MTA advertises PIPECONNECT (`PIPECONNECT_*`): they may talk
 /// ahead of the banner if they passed before. Set by the loader.
@@ -56,6 +63,39 @@ pub static HALF_OPEN: LruHashMap<FlowKey, HalfOpen> = LruHashMap::with_max_entri
 /// Client SYNs that carried data (TCP Fast Open), until their SYN-ACK.
 #[map]
 pub static SYN_DATA: LruHashMap<FlowKey, SynData> = LruHashMap::with_max_entries(4096, 0);
+
+/// When (`bpf_jiffies64`) a client's SYN last carried data: until
+/// `SYN_DATA_WINDOW` jiffies later a SYN-ACK looks for its bytes in
+/// `SYN_DATA`, after that it need not. Most servers never see one. Not
+/// pinned: after a restart it starts empty, which misses only a SYN-ACK
+/// answering a data SYN the previous program saw (the server answers a
+/// SYN as it takes it, so that is a restart between the two).
+#[map]
+pub static SYN_DATA_SEEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Far longer than any SYN-ACK comes after its SYN (retransmissions
+/// included), whatever the kernel's HZ: 2^22 jiffies is over an hour.
+const SYN_DATA_WINDOW: u64 = 1 << 22;
+
+/// A data-carrying SYN was seen.
+#[inline(always)]
+pub fn syn_data_seen() {
+    if let Some(p) = SYN_DATA_SEEN.get_ptr_mut(0) {
+        unsafe { core::ptr::write_volatile(p, bpf_jiffies64()) };
+    }
+}
+
+/// May `SYN_DATA` hold the bytes of a SYN this SYN-ACK answers? A read of
+/// one array slot (and jiffies, inlined by the verifier) instead of a hash
+/// lookup on every SYN-ACK.
+#[inline(always)]
+pub fn syn_data_recent() -> bool {
+    let Some(p) = SYN_DATA_SEEN.get_ptr(0) else {
+        return true;
+    };
+    let seen = unsafe { core::ptr::read_volatile(p) };
+    seen != 0 && unsafe { bpf_jiffies64() }.wrapping_sub(seen) < SYN_DATA_WINDOW
+}
 
 /// Clients that waited for a greeting here: the CLOCK_BOOTTIME ns at which
 /// their pass expires. Fed by PASS verdicts here, restored by the daemon.
@@ -139,7 +179,16 @@ pub fn count(stat: Stat) {
 #[inline(always)]
 pub fn watched(port: u16) -> bool {
     // Volatile: the loader rewrites PORTS, so the compiler must not fold it.
-    // One slot at a time: a match stops early, and nothing is kept aside.
-    let ports = PORTS.as_ptr();
-    (0..MAX_PORTS).any(|i| unsafe { core::ptr::read_volatile(ports.add(i)) } == port)
+    // Four slots per 64-bit word (little-endian: slot i in bits 16i..):
+    // one of them is `port` when the word XOR `port` in every slot has a
+    // zero slot, which the carry trick below finds without a branch each.
+    const ONES: u64 = 0x0001_0001_0001_0001;
+    const HIGHS: u64 = 0x8000_8000_8000_8000;
+    let words = PORTS.0.as_ptr() as *const u64;
+    let wanted = port as u64 * ONES;
+    let zero_slot = |i: usize| {
+        let x = unsafe { core::ptr::read_volatile(words.add(i)) } ^ wanted;
+        x.wrapping_sub(ONES) & !x & HIGHS != 0
+    };
+    zero_slot(0) || zero_slot(1)
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_loop, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use spamdelay_common::{FAMILY_V4, FAMILY_V6, PAYLOAD_CAPTURE, Stat};
+use spamdelay_common::{FAMILY_V4, FAMILY_V6, FlowKey, PAYLOAD_CAPTURE, Stat};
 
 use crate::maps::{count, watched};
 
@@ -218,7 +218,7 @@ fn network(ctx: &TcContext) -> Option<(u16, usize)> {
 /// whose server side (destination for `FromClient`, source for
 /// `FromServer`) is a watched port. The common case (no VLAN tag, no IP
 /// options, no extension headers) reads only fixed offsets directly.
-/// Both programs call `may_be_watched` first, once.
+/// Both programs call `look` first, once.
 #[inline(always)]
 pub fn packet(ctx: &TcContext, dir: Dir) -> Option<Packet> {
     let (proto, l3) = network(ctx)?;
@@ -245,44 +245,153 @@ pub fn packet(ctx: &TcContext, dir: Dir) -> Option<Packet> {
     segment(ctx, dir, l3, &ip).map(Packet::Segment)
 }
 
-/// The early exit for most traffic: in the usual frame (untagged, IPv4
-/// without options and not a later fragment, or IPv6 without extension
-/// headers) one bounds check reads everything up to the ports, and TCP that
-/// is not to or from a watched port (or anything but TCP) leaves here.
-/// Anything else is left to the full parse: true means "maybe".
+/// What the first look at a packet says.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// Not TCP to or from a watched port: nothing for spamdelay.
+    Ignore,
+    /// TCP of a watched port in the usual frame (untagged; IPv4 without
+    /// options and unfragmented, or IPv6 without extension headers): its
+    /// fields are at fixed offsets (`plain`).
+    Plain,
+    /// Maybe watched, in another frame: the full parse (`packet`) decides.
+    Parse,
+}
+
+/// The early exit for most traffic: in the usual frame one bounds check
+/// reads everything up to the ports, and TCP that is not to or from a
+/// watched port (or anything but TCP) leaves here.
 #[inline(always)]
-pub fn may_be_watched(ctx: &TcContext, dir: Dir) -> bool {
+pub fn look(ctx: &TcContext, dir: Dir) -> Look {
     let Some(proto) = be16(ctx, 12) else {
-        return false;
+        return Look::Ignore;
     };
     // The ports' offset in the TCP header: the server's side.
     let at = if dir == Dir::FromClient { 2 } else { 0 };
-    let port = match proto {
+    match proto {
         ETH_P_IP => {
             let Some(h) = read::<[u8; 24]>(ctx, ETH_HLEN) else {
-                return true;
+                return Look::Parse;
             };
             // Version 4, no options; a fragment past the first has no ports.
             if h[0] != 0x45 || h[6] & 0x1f != 0 || h[7] != 0 {
-                return true;
+                return Look::Parse;
             }
-            if h[9] != IPPROTO_TCP {
-                return false;
+            if h[9] != IPPROTO_TCP || !watched(u16::from_be_bytes([h[20 + at], h[21 + at]])) {
+                return Look::Ignore;
             }
-            u16::from_be_bytes([h[20 + at], h[21 + at]])
+            // A first fragment (more fragments follow) is not plain.
+            if h[6] & 0x20 != 0 {
+                return Look::Parse;
+            }
+            Look::Plain
         }
         ETH_P_IPV6 => {
             let Some(h) = read::<[u8; 44]>(ctx, ETH_HLEN) else {
-                return true;
+                return Look::Parse;
             };
             if h[6] != IPPROTO_TCP {
-                return true;
+                return Look::Parse;
             }
-            u16::from_be_bytes([h[40 + at], h[41 + at]])
+            if !watched(u16::from_be_bytes([h[40 + at], h[41 + at]])) {
+                return Look::Ignore;
+            }
+            Look::Plain
         }
-        _ => return true,
+        _ => Look::Parse,
+    }
+}
+
+/// A segment in the usual frame, read at fixed offsets: what decides
+/// whether it needs following at all.
+pub struct Plain {
+    pub flags: u8,
+    pub payload_len: u32,
+    pub key: FlowKey,
+}
+
+impl Plain {
+    #[inline(always)]
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// A TCP segment (the whole of it) of a watched port in the usual frame,
+/// after `look` said `Look::Plain`, if `packet` would parse it as one:
+/// `None` means "see what the full parse makes of it".
+#[inline(always)]
+pub fn plain(ctx: &TcContext, dir: Dir) -> Option<Plain> {
+    // Each read reaches as far as `segment`'s direct reads of the same frame.
+    let (src, dst, ports, ip_end, tcp, family) = match be16(ctx, 12)? {
+        ETH_P_IP => {
+            let h = read::<[u8; 40]>(ctx, ETH_HLEN)?;
+            let total = u16::from_be_bytes([h[2], h[3]]) as usize;
+            let addr = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+            (
+                [addr(12) as u64, 0],
+                [addr(16) as u64, 0],
+                [h[20], h[21], h[22], h[23]],
+                ETH_HLEN + total,
+                [h[32], h[33]],
+                FAMILY_V4,
+            )
+        }
+        ETH_P_IPV6 => {
+            let h = read::<[u8; 60]>(ctx, ETH_HLEN)?;
+            let plen = u16::from_be_bytes([h[4], h[5]]) as usize;
+            let word = |at: usize| {
+                u64::from_le_bytes([
+                    h[at],
+                    h[at + 1],
+                    h[at + 2],
+                    h[at + 3],
+                    h[at + 4],
+                    h[at + 5],
+                    h[at + 6],
+                    h[at + 7],
+                ])
+            };
+            (
+                [word(8), word(16)],
+                [word(24), word(32)],
+                [h[40], h[41], h[42], h[43]],
+                L4_V6 + plen,
+                [h[52], h[53]],
+                FAMILY_V6,
+            )
+        }
+        _ => return None,
     };
-    watched(port)
+    let l4 = if family == FAMILY_V4 { L4_V4 } else { L4_V6 };
+    // `segment`'s checks: the whole IP packet present, a TCP header of at
+    // least 20 bytes, its options inside the packet.
+    let payload_off = l4 + ((tcp[0] >> 4) as usize) * 4;
+    if ip_end > ctx.len() as usize || payload_off < l4 + 20 || payload_off > ip_end {
+        return None;
+    }
+    let sport = u16::from_be_bytes([ports[0], ports[1]]) as u64;
+    let dport = u16::from_be_bytes([ports[2], ports[3]]) as u64;
+    let (client, server, cport, sport) = if dir == Dir::FromClient {
+        (src, dst, sport, dport)
+    } else {
+        (dst, src, dport, sport)
+    };
+    // FlowKey's five little-endian words: client address (two), server
+    // address (two), then client port, server port, family and padding.
+    let words = [
+        client[0],
+        client[1],
+        server[0],
+        server[1],
+        cport | sport << 16 | (family as u64) << 32,
+    ];
+    Some(Plain {
+        flags: tcp[1],
+        payload_len: (ip_end - payload_off) as u32,
+        // SAFETY: FlowKey is 40 plain bytes aligned to 8, as the words are.
+        key: unsafe { core::mem::transmute::<[u64; 5], FlowKey>(words) },
+    })
 }
 
 #[inline(always)]

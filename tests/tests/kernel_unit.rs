@@ -15,7 +15,7 @@ use spamdelay::{
     loader::{self, EGRESS, INGRESS},
     mta::Pipeconnect,
 };
-use spamdelay_common::{PAYLOAD_CAPTURE, Stat, Verdict};
+use spamdelay_common::{Flow, FlowKey, PAYLOAD_CAPTURE, Stat, Verdict};
 use spamdelay_tests::{
     packet::{
         ACK, ETH_HLEN, FIN, Fragment, IPV4_HLEN, IPV6_HLEN, Ipv6Ext, PSH, RST, SYN, Tcp, URG,
@@ -503,6 +503,43 @@ fn unwatched_port_is_not_inspected() {
     k.client_sends(&conv.client_data(0, EHLO));
     k.expect_none("port 587 is not watched");
     assert_eq!(k.stat(Stat::Packets), 0);
+}
+
+#[test]
+fn every_watched_port_slot_is_inspected_and_no_other_port() {
+    if !privileged("every_watched_port_slot_is_inspected_and_no_other_port") {
+        return;
+    }
+    // Eight ports fill every slot the kernel compares (four per word).
+    let ports = [25, 587, 2525, 10025, 465, 26, 257, 65535];
+    let mut k = Kernel::load_with(loader::KernelConfig {
+        ports: ports.to_vec(),
+        ..Default::default()
+    });
+    for (i, port) in ports.into_iter().enumerate() {
+        let conv = Conversation::new(
+            &format!("198.51.100.12:{}", 40100 + i),
+            &format!("192.0.2.25:{port}"),
+        );
+        conv.handshake(&k);
+        k.client_sends(&conv.client_data(0, EHLO));
+        k.expect_early_talk(&conv, EHLO);
+    }
+    let inspected = k.stat(Stat::Packets);
+    // Neighbours of the watched ports, and ports sharing their bytes.
+    for (i, port) in [24, 27, 588, 2524, 256, 1, 65534, 6400]
+        .into_iter()
+        .enumerate()
+    {
+        let conv = Conversation::new(
+            &format!("198.51.100.12:{}", 40200 + i),
+            &format!("192.0.2.25:{port}"),
+        );
+        conv.handshake(&k);
+        k.client_sends(&conv.client_data(0, EHLO));
+        k.expect_none("a port not watched");
+    }
+    assert_eq!(k.stat(Stat::Packets), inspected);
 }
 
 #[test]
@@ -1345,6 +1382,132 @@ fn a_new_handshake_on_the_same_ports_starts_afresh() {
     new.handshake(&k);
     k.client_sends(&new.client_data(0, EHLO));
     k.expect_early_talk(&new, EHLO);
+}
+
+/// Flows in the kernel's flow table.
+fn flows_followed(k: &Kernel) -> usize {
+    let map: aya::maps::HashMap<&MapData, FlowKey, Flow> =
+        aya::maps::HashMap::try_from(k.ebpf.map("FLOWS").expect("map FLOWS"))
+            .expect("FLOWS is a hash map");
+    map.keys().count()
+}
+
+/// A passed flow's whole session, then its close: nothing more is judged or
+/// counted as unverified (the kernel's fast path for decided flows), every
+/// segment is counted once, and the close empties the flow table.
+fn decided_flow_then_close(k: &mut Kernel, conv: &Conversation) {
+    conv.handshake(k);
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect(conv, Verdict::Pass);
+    let g = GREETING.len() as u32;
+    let mail = b"MAIL FROM:<a@example.org>\r\n";
+    let reply = b"250 2.1.0 Ok\r\n";
+    let (mut c, mut s) = (0, g);
+    k.client_sends(
+        &conv
+            .client_data(c, EHLO)
+            .ack(conv.server_isn.wrapping_add(1 + s)),
+    );
+    c += EHLO.len() as u32;
+    k.server_sends(
+        &conv
+            .server_data(s, reply)
+            .ack(conv.client_next.wrapping_add(c)),
+    );
+    s += reply.len() as u32;
+    k.client_sends(
+        &conv
+            .client_data(c, mail)
+            .ack(conv.server_isn.wrapping_add(1 + s)),
+    );
+    c += mail.len() as u32;
+    // Empty ACKs both ways.
+    let server_ack = Tcp::new(conv.server, conv.client)
+        .seq(conv.server_isn.wrapping_add(1 + s))
+        .ack(conv.client_next.wrapping_add(c))
+        .flags(ACK);
+    k.server_sends(&server_ack);
+    let client_ack = conv
+        .ack()
+        .seq(conv.client_next.wrapping_add(c))
+        .ack(conv.server_isn.wrapping_add(1 + s));
+    k.client_sends(&client_ack);
+    k.expect_none("segments of a decided flow");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 0);
+    assert_eq!(flows_followed(k), 1, "kept until its close");
+    // The server closes; the client's FIN and last ACK come after.
+    k.server_sends(&server_ack.clone().flags(ACK | FIN));
+    assert_eq!(flows_followed(k), 0, "the close drops the flow");
+    k.client_sends(&client_ack.clone().flags(ACK | FIN));
+    k.client_sends(&client_ack.ack(conv.server_isn.wrapping_add(2 + s)));
+    k.expect_none("the close of a decided flow");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 0);
+    assert_eq!(k.stat(Stat::ServerClosed), 0);
+    assert_eq!(k.stat(Stat::Packets), 11, "every segment counted once");
+}
+
+#[test]
+fn a_passed_flows_session_and_close_change_nothing() {
+    if !privileged("a_passed_flows_session_and_close_change_nothing") {
+        return;
+    }
+    let mut k = Kernel::load();
+    decided_flow_then_close(&mut k, &Conversation::v4("198.51.100.73:40330"));
+    let mut k = Kernel::load();
+    decided_flow_then_close(&mut k, &Conversation::v6("[2001:db8::73]:40331"));
+}
+
+#[test]
+fn an_early_talkers_later_segments_change_nothing_and_its_rst_drops_it() {
+    if !privileged("an_early_talkers_later_segments_change_nothing_and_its_rst_drops_it") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let conv = Conversation::v4("198.51.100.74:40332");
+    conv.handshake(&k);
+    k.client_sends(&conv.client_data(0, EHLO));
+    k.expect_early_talk(&conv, EHLO);
+    let c = EHLO.len() as u32;
+    k.client_sends(&conv.client_data(c, b"MAIL FROM:<>\r\n"));
+    k.server_sends(&conv.server_data(0, GREETING));
+    k.expect_none("a flagged flow");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 0);
+    assert_eq!(flows_followed(&k), 1);
+    k.client_sends(
+        &conv
+            .ack()
+            .flags(RST)
+            .seq(conv.client_next.wrapping_add(c + 14)),
+    );
+    assert_eq!(flows_followed(&k), 0, "the client's RST drops the flow");
+    // A new connection on the same ports is followed afresh.
+    let mut again = Conversation::v4("198.51.100.74:40332");
+    again.client_next = 0x7000_0001;
+    again.server_isn = 0x4000_0000;
+    again.handshake(&k);
+    k.client_sends(&again.client_data(0, EHLO));
+    k.expect_early_talk(&again, EHLO);
+}
+
+#[test]
+fn a_new_handshake_while_the_old_flow_is_still_followed_starts_afresh() {
+    if !privileged("a_new_handshake_while_the_old_flow_is_still_followed_starts_afresh") {
+        return;
+    }
+    // A decided flow whose close was never seen: the new connection's
+    // SYN-ACK must end it, or its segments would be taken for the old one's.
+    let mut k = Kernel::load();
+    let old = Conversation::v6("[2001:db8::75]:40333");
+    old.handshake(&k);
+    k.server_sends(&old.server_data(0, GREETING));
+    k.expect(&old, Verdict::Pass);
+    let mut new = Conversation::v6("[2001:db8::75]:40333");
+    new.client_next = 0x7000_0001;
+    new.server_isn = 0x4000_0000;
+    new.handshake(&k);
+    k.client_sends(&new.client_data(0, EHLO));
+    k.expect_early_talk(&new, EHLO);
+    assert_eq!(flows_followed(&k), 1, "the old flow made room for the new");
 }
 
 // PIPECONNECT by history: early talk is forgiven only to a client that

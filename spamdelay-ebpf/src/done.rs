@@ -45,28 +45,40 @@ fn words(key: &FlowKey) -> &[u64; 5] {
     unsafe { &*(key as *const FlowKey as *const [u64; 5]) }
 }
 
-/// Where the key with these words would be, and its fingerprint (never 0,
-/// low bit clear).
+/// One step of the fingerprint chain: a bijection of the state and of the
+/// word, so chains that differ in one word never collide.
 #[inline(always)]
-fn locate(w: &[u64; 5]) -> Option<(*mut u64, u64)> {
-    let seed = DONE.get_ptr_mut(0)?;
+pub fn mix(h: u64, x: u64) -> u64 {
+    let h = (h ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 29)
+}
+
+/// The per-load random seed kept in `*seed` (a table's slot 0), made on
+/// first use: fingerprints no one outside can predict.
+#[inline(always)]
+pub fn seed(seed: *mut u64) -> u64 {
     let mut s = unsafe { core::ptr::read_volatile(seed) };
     if s == 0 {
-        // First use since load. Two CPUs may race here: a flow marked under
-        // the losing seed is only a miss.
+        // First use since load. Two CPUs may race here: what was filed
+        // under the losing seed is only a miss.
         s = ((unsafe { bpf_get_prandom_u32() } as u64) << 32)
             | unsafe { bpf_get_prandom_u32() } as u64
             | 1;
         unsafe { core::ptr::write_volatile(seed, s) };
     }
-    // A multiply-xorshift chain over the key's five words: each step is a
-    // bijection of the state and of the word, so keys that differ in one
-    // word never collide.
-    let mut h = s;
-    for &x in w {
-        h = (h ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h ^= h >> 29;
-    }
+    s
+}
+
+/// The fingerprint chain over `key`'s five words, from `seed`.
+#[inline(always)]
+pub fn hash_key(seed: u64, key: &FlowKey) -> u64 {
+    words(key).iter().fold(seed, |h, &x| mix(h, x))
+}
+
+/// Where the key would be, and its fingerprint (never 0, low bit clear).
+#[inline(always)]
+fn locate(key: &FlowKey) -> Option<(*mut u64, u64)> {
+    let h = hash_key(seed(DONE.get_ptr_mut(0)?), key);
     let index = 1 + (h >> (64 - SLOT_BITS)) as u32;
     let fp = (h << 1) | 2;
     Some((DONE.get_ptr_mut(index)?, fp))
@@ -75,7 +87,7 @@ fn locate(w: &[u64; 5]) -> Option<(*mut u64, u64)> {
 /// Is `key` a decided flow?
 #[inline(always)]
 pub fn find(key: &FlowKey) -> Option<Done> {
-    let (slot, fp) = locate(words(key))?;
+    let (slot, fp) = locate(key)?;
     let v = unsafe { core::ptr::read_volatile(slot) };
     if v & !IN_FLOWS != fp {
         return None;
@@ -90,7 +102,7 @@ pub fn find(key: &FlowKey) -> Option<Done> {
 /// `key` got its verdict; `in_flows`: it stays in `FLOWS` until its close.
 #[inline(always)]
 pub fn mark(key: &FlowKey, in_flows: bool) {
-    if let Some((slot, fp)) = locate(words(key)) {
+    if let Some((slot, fp)) = locate(key) {
         let v = if in_flows { fp | IN_FLOWS } else { fp };
         unsafe { core::ptr::write_volatile(slot, v) };
     }

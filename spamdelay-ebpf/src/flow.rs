@@ -62,8 +62,8 @@ use spamdelay_common::{
     ClientAddr, Event, FAMILY_V4, Flow, FlowKey, PAYLOAD_CAPTURE, Stat, Verdict,
     event::{HOW_FRAGMENT, HOW_SYN},
     flow::{
-        FLAG_PROBED, HalfOpen, PIPECONNECT_ALL, PIPECONNECT_LISTED, ProbeKey, STATE_DONE,
-        STATE_GREETING, SynData,
+        FLAG_PROBED, HalfOpen, PIPECONNECT_ALL, PIPECONNECT_LISTED, PIPECONNECT_OFF, ProbeKey,
+        STATE_DONE, STATE_GREETING, SynData,
     },
     greeting::seq_after,
 };
@@ -71,6 +71,7 @@ use spamdelay_common::{
 use crate::{
     done,
     greeting::{Scan, scan_greeting},
+    handshakes,
     maps::{
         ALLOW_V4, ALLOW_V6, BRIDGE, EVENTS, FLOWS, FragKey, HALF_OPEN, PASSERS, PIPE_V4, PIPE_V6,
         PROBES, SYN_DATA, TCP_TAILS, TINY_FIRSTS, TailPart, TinyFirst, bridge_ns, count,
@@ -226,17 +227,6 @@ pub fn from_server(ctx: &TcContext, seg: &Segment) {
 fn syn_ack(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
     // Whatever was decided under this key is over, resent SYN-ACK or not.
     done::forget(key);
-    if let Some(old) = HALF_OPEN.get_ptr(key) {
-        if unsafe { (*old).server_isn } == seg.seq {
-            return;
-        }
-    }
-    // The server answers a SYN on a connection it has with a challenge ACK,
-    // never a SYN-ACK: whatever was followed under this key is over. (A
-    // lookup first: a delete takes the bucket lock even for nothing.)
-    if FLOWS.get_ptr(key).is_some() {
-        let _ = FLOWS.remove(key);
-    }
     let mut half = HalfOpen {
         server_isn: seg.seq,
         client_next: seg.ack,
@@ -259,6 +249,22 @@ fn syn_ack(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
             let _ = SYN_DATA.remove(key);
         }
     }
+    if handshakes::put(key, &half) {
+        // The client's segments look in the slot first, before `FLOWS`: an
+        // old flow under this key is over and replaced at the ACK. A copy
+        // in `HALF_OPEN` (an earlier SYN-ACK found the slot taken) must go.
+        if handshakes::find_mapped(key).is_some() {
+            let _ = HALF_OPEN.remove(key);
+        }
+        return;
+    }
+    // The server answers a SYN on a connection it has with a challenge ACK,
+    // never a SYN-ACK: whatever was followed under this key is over. (A
+    // lookup first: a delete takes the bucket lock even for nothing.)
+    if FLOWS.get_ptr(key).is_some() {
+        let _ = FLOWS.remove(key);
+    }
+    handshakes::mapped();
     if HALF_OPEN.insert(key, &half, 0).is_err() {
         count(Stat::FlowInsertFailed);
         given_up(ctx, key, GiveUp::TableFull);
@@ -308,13 +314,18 @@ pub fn from_client(ctx: &TcContext, seg: &Segment) -> Fate {
         }
         return Fate::Pass;
     }
+    // A handshake in its slot is the newest thing under this key (an old
+    // flow's entry in `FLOWS` may still be there).
+    if let Some(slot) = handshakes::find(&key) {
+        handshake(ctx, &key, &slot.half, seg, Pending::Slot(&slot));
+        return Fate::Pass;
+    }
     if let Some(flow) = FLOWS.get_ptr_mut(&key) {
         established(ctx, &key, unsafe { &mut *flow }, seg);
         return Fate::Pass;
     }
-    if let Some(half) = HALF_OPEN.get_ptr(&key) {
-        let half = unsafe { *half };
-        handshake(ctx, &key, &half, seg);
+    if let Some(half) = handshakes::find_mapped(&key) {
+        handshake(ctx, &key, &half, seg, Pending::Mapped);
         return Fate::Pass;
     }
     if seg.payload_len > 0 || seg.fragment() {
@@ -372,10 +383,30 @@ fn syn_with_data(ctx: &TcContext, key: &FlowKey, seg: &Segment) {
     let _ = SYN_DATA.insert(key, &syn, 0);
 }
 
+/// Where a handshake in progress is kept.
+#[derive(Clone, Copy)]
+enum Pending<'a> {
+    Slot(&'a handshakes::Slot),
+    Mapped,
+}
+
+impl Pending<'_> {
+    /// The handshake is over: verified, or reset.
+    #[inline(always)]
+    fn end(self, key: &FlowKey) {
+        match self {
+            Pending::Slot(slot) => slot.clear(),
+            Pending::Mapped => {
+                let _ = HALF_OPEN.remove(key);
+            }
+        }
+    }
+}
+
 /// A client segment on a handshake in progress: is it the ACK that
 /// completes it, as `tcp_check_req` would take it?
 #[inline(always)]
-fn handshake(ctx: &TcContext, key: &FlowKey, half: &HalfOpen, seg: &Segment) {
+fn handshake(ctx: &TcContext, key: &FlowKey, half: &HalfOpen, seg: &Segment, pending: Pending<'_>) {
     let c = half.client_next;
     let window_end = c.wrapping_add(half.window);
     if seg.part == Part::TinyFragment {
@@ -387,7 +418,7 @@ fn handshake(ctx: &TcContext, key: &FlowKey, half: &HalfOpen, seg: &Segment) {
         if (!seg.has(TCP_ACK) || seg.ack == half.server_isn.wrapping_add(1))
             && in_window(seg.seq, seg.seq, c, window_end)
         {
-            let _ = HALF_OPEN.remove(key);
+            pending.end(key);
             let _ = SYN_DATA.remove(key);
         }
         return;
@@ -419,7 +450,7 @@ fn handshake(ctx: &TcContext, key: &FlowKey, half: &HalfOpen, seg: &Segment) {
         flags: 0,
         scanner: Default::default(),
     };
-    let _ = HALF_OPEN.remove(key);
+    pending.end(key);
     if FLOWS.insert(key, &flow, 0).is_err() {
         count(Stat::FlowInsertFailed);
         given_up(ctx, key, GiveUp::TableFull);
@@ -735,6 +766,11 @@ fn boot_ns() -> u64 {
 /// A client that waited for a greeting: remembered for PIPECONNECT.
 #[inline(always)]
 fn remember_pass(key: &FlowKey, now: u64) {
+    // Only PIPECONNECT asks who passed (`passed_before`); the mode is fixed
+    // at load, and the daemon restores passes from its own cache at start.
+    if pipeconnect_mode() == PIPECONNECT_OFF {
+        return;
+    }
     let expires = now.wrapping_add(pass_ttl_ns());
     let addr = client_addr(key);
     // A client that passed before (any regular sender) is renewed in place:

@@ -7,6 +7,7 @@
 mod done;
 mod flow;
 mod greeting;
+mod handshakes;
 mod maps;
 mod parse;
 mod trace;

@@ -286,9 +286,10 @@ fn client_ip(key: &ClientAddr) -> Option<IpAddr> {
 /// daemon: flows being followed, passes, the bridge block, the verdicts not
 /// yet read and the counters. Configuration maps (allowlist, probes,
 /// PIPECONNECT hosts) are not: each program gets its own, filled at start.
-pub const STATE_MAPS: [&str; 9] = [
+pub const STATE_MAPS: [&str; 10] = [
     "FLOWS",
     "HALF_OPEN",
+    "HANDSHAKES",
     "SYN_DATA",
     "PASSERS",
     BRIDGE,
@@ -351,7 +352,11 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
 fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
     use aya::maps::Map;
     match map {
-        Map::LruHashMap(m) | Map::HashMap(m) | Map::RingBuf(m) | Map::PerCpuArray(m) => Some(m),
+        Map::LruHashMap(m)
+        | Map::HashMap(m)
+        | Map::Array(m)
+        | Map::RingBuf(m)
+        | Map::PerCpuArray(m) => Some(m),
         _ => None,
     }
 }

@@ -1510,6 +1510,83 @@ fn a_new_handshake_while_the_old_flow_is_still_followed_starts_afresh() {
     assert_eq!(flows_followed(&k), 1, "the old flow made room for the new");
 }
 
+/// Handshakes waiting in `HALF_OPEN` (those whose slot was taken).
+fn handshakes_mapped(k: &Kernel) -> usize {
+    let map: aya::maps::HashMap<&MapData, FlowKey, spamdelay_common::flow::HalfOpen> =
+        aya::maps::HashMap::try_from(k.ebpf.map("HALF_OPEN").expect("map HALF_OPEN"))
+            .expect("HALF_OPEN is a hash map");
+    map.keys().count()
+}
+
+#[test]
+fn more_handshakes_than_slots_all_verify() {
+    if !privileged("more_handshakes_than_slots_all_verify") {
+        return;
+    }
+    // 3,000 handshakes in progress at once, three times the slots: most
+    // find a slot, those whose slot is taken wait in HALF_OPEN. Each is
+    // verified with its own numbers, wherever it waited.
+    let mut k = Kernel::load();
+    let convs: Vec<Conversation> = (0..3000u32)
+        .map(|i| {
+            let mut c = if i % 2 == 0 {
+                Conversation::v4(&format!("198.51.100.{}:{}", 80 + i % 20, 30000 + i))
+            } else {
+                Conversation::v6(&format!("[2001:db8::7:{:x}]:{}", i % 20, 30000 + i))
+            };
+            c.client_next = 0x1000_0001u32.wrapping_add(i.wrapping_mul(0x9e37_79b9));
+            c.server_isn = 0xdead_0000u32.wrapping_add(i.wrapping_mul(0x85eb_ca6b));
+            c
+        })
+        .collect();
+    for conv in &convs {
+        k.server_sends(&conv.syn_ack());
+    }
+    let mapped = handshakes_mapped(&k);
+    assert!(
+        mapped > 0 && mapped < convs.len(),
+        "both places in use: {mapped} of {} in HALF_OPEN",
+        convs.len()
+    );
+    // A guessed ACK verifies none of them.
+    for conv in &convs {
+        let mut forged = conv.client_data(0, EHLO);
+        forged.ack = conv.server_isn.wrapping_add(2);
+        k.client_sends(&forged);
+    }
+    k.expect_none("forged handshake ACKs");
+    for conv in &convs {
+        k.client_sends(&conv.client_data(0, EHLO));
+    }
+    let reports = k.reports();
+    let talkers = reports
+        .iter()
+        .filter(|r| r.verdict == Verdict::EarlyTalk)
+        .count();
+    assert_eq!(talkers, convs.len(), "every handshake was verified");
+    assert_eq!(handshakes_mapped(&k), 0, "every handshake ended");
+}
+
+#[test]
+fn a_resent_syn_ack_with_new_numbers_replaces_the_handshake() {
+    if !privileged("a_resent_syn_ack_with_new_numbers_replaces_the_handshake") {
+        return;
+    }
+    let mut k = Kernel::load();
+    let old = Conversation::v4("198.51.100.76:40334");
+    let mut new = Conversation::v4("198.51.100.76:40334");
+    new.client_next = 0x7000_0001;
+    new.server_isn = 0x4000_0000;
+    k.server_sends(&old.syn_ack());
+    k.server_sends(&new.syn_ack());
+    // The first SYN-ACK's numbers verify nothing any more.
+    k.client_sends(&old.client_data(0, EHLO));
+    k.expect_none("an ACK of the replaced SYN-ACK");
+    assert_eq!(k.stat(Stat::UnverifiedPayload), 1);
+    k.client_sends(&new.client_data(0, EHLO));
+    k.expect_early_talk(&new, EHLO);
+}
+
 // PIPECONNECT by history: early talk is forgiven only to a client that
 // passed here before, and only where the MTA advertises PIPECONNECT.
 

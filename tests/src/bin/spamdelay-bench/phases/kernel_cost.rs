@@ -13,7 +13,7 @@ use crate::{
     load::{
         iperf3, iperf3_server, smtp_sink, smtp_source, start_daemon, stop_daemon, tune_for_sessions,
     },
-    phases::Plan,
+    phases::{Plan, kernel_segments::kernel_segments},
     report::{Outcome, Ratio, Row, Verdict},
     rounds::{Rounds, Side, sides},
 };
@@ -143,6 +143,10 @@ pub(crate) fn kernel_cost(plan: &Plan) -> Result<Outcome> {
         out.detail.insert(name.into(), r.json());
     }
     out.detail.insert("runs".into(), Value::Array(runs));
+    // Where a session's cost goes, segment by segment.
+    let (note, detail) = kernel_segments(if plan.quick { 3000 } else { 10_000 })?;
+    out.notes.push(note);
+    out.detail.insert("segments".into(), detail);
     Ok(out)
 }
 

@@ -8,6 +8,7 @@ mod fail2ban;
 mod fleet;
 mod flood;
 mod kernel_cost;
+mod kernel_segments;
 mod throughput;
 mod time_to_ban;
 

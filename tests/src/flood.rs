@@ -106,10 +106,12 @@ impl SilentServer {
         Self::start_keeping(ns, port, backlog, Keep::All)
     }
 
-    /// Like `start`, but each connection is closed once its client has closed
-    /// or reset it, so a flood of any size fits in the open-file limit. The
-    /// server still never closes first: that would end a flow before its
-    /// client's payload was seen.
+    /// Like `start`, but each connection is closed once its client has sent
+    /// something, closed or reset it, so a flood of any size fits in the
+    /// open-file limit. Its client's first bytes passed tc ingress on their
+    /// way to the socket, so the kernel program has judged them; closing
+    /// before they came would end a flow before its payload was seen. (Its
+    /// reset alone is not enough: a ban in place before it drops it.)
     pub fn start_releasing(ns: &Netns, port: u16, backlog: i32) -> Result<Self> {
         Self::start_keeping(ns, port, backlog, Keep::UntilPeerCloses)
     }
@@ -136,7 +138,7 @@ impl SilentServer {
                 // Now and then, not per accept: a sweep costs one read per
                 // held connection.
                 if keep == Keep::UntilPeerCloses && accepted % RELEASE_SWEEP_EVERY == 0 {
-                    held.retain(peer_still_open);
+                    held.retain(peer_still_silent);
                 }
                 match listener.accept() {
                     Ok((conn, _)) => {
@@ -154,7 +156,7 @@ impl SilentServer {
                         ) =>
                     {
                         if keep == Keep::UntilPeerCloses {
-                            held.retain(peer_still_open);
+                            held.retain(peer_still_silent);
                         }
                     }
                     Err(e) => {
@@ -214,17 +216,16 @@ enum Keep {
     UntilPeerCloses,
 }
 
-/// Reads what a held (non-blocking) connection has and tells whether it is
-/// still open: nothing to read yet, or only data, means open.
-fn peer_still_open(conn: &TcpStream) -> bool {
+/// Whether a held (non-blocking) connection must still be held: its client
+/// has sent nothing yet, and has not closed or reset it.
+fn peer_still_silent(conn: &TcpStream) -> bool {
     let mut buf = [0u8; 512];
     loop {
         match (&*conn).read(&mut buf) {
-            Ok(0) => return false,
-            Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+            // Data, end of stream or an error (a reset).
+            _ => return false,
         }
     }
 }

@@ -1587,6 +1587,46 @@ fn a_resent_syn_ack_with_new_numbers_replaces_the_handshake() {
     k.expect_early_talk(&new, EHLO);
 }
 
+/// A pin directory of this test process, removed when dropped.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_handshake_begun_under_one_program_is_verified_by_its_successor() {
+    if !privileged("a_handshake_begun_under_one_program_is_verified_by_its_successor") {
+        return;
+    }
+    // An upgrade between a SYN-ACK and its ACK: the handshake slots are
+    // pinned with their seed, so the new program finds what the old wrote.
+    let pins = Pins(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/spamdelay-test-handover-{}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_dir_all(&pins.0);
+    let config = || loader::KernelConfig {
+        pin_dir: Some(pins.0.clone()),
+        ..Default::default()
+    };
+    let conv = Conversation::v4("198.51.100.77:40335");
+    {
+        let old = Kernel::load_with(config());
+        old.server_sends(&conv.syn_ack());
+    }
+    let mut new = Kernel::load_with(config());
+    assert_eq!(
+        handshakes_mapped(&new),
+        0,
+        "the handshake waits in its slot"
+    );
+    new.client_sends(&conv.client_data(0, EHLO));
+    new.expect_early_talk(&conv, EHLO);
+}
+
 // PIPECONNECT by history: early talk is forgiven only to a client that
 // passed here before, and only where the MTA advertises PIPECONNECT.
 

@@ -26,7 +26,7 @@ use spamdelay_common::{FlowKey, flow::HalfOpen};
 
 use crate::{
     done::{hash_key, mix, seed},
-    maps::HALF_OPEN,
+    maps::{HALF_OPEN, stamp, stamped_within},
 };
 
 /// 1,024 slots of 24 bytes, plus slot 0 (the seed, and when `HALF_OPEN`
@@ -148,24 +148,26 @@ impl Slot {
     }
 }
 
+/// The gate word in slot 0 (after the seed): when `HALF_OPEN` last took
+/// a handshake.
+#[inline(always)]
+fn gate() -> Option<*mut u64> {
+    HANDSHAKES
+        .get_ptr_mut(0)
+        .map(|header| unsafe { (header as *mut u64).add(1) })
+}
+
 /// A handshake went to `HALF_OPEN`.
 #[inline(always)]
 pub fn mapped() {
-    if let Some(header) = HANDSHAKES.get_ptr_mut(0) {
-        let at = unsafe { (header as *mut u64).add(1) };
-        unsafe { core::ptr::write_volatile(at, bpf_jiffies64()) };
-    }
+    stamp(gate());
 }
 
 /// May `HALF_OPEN` hold a handshake? Not when it took none for longer than
 /// any handshake takes: then a client segment costs no lookup there.
 #[inline(always)]
 pub fn maybe_mapped() -> bool {
-    let Some(header) = HANDSHAKES.get_ptr(0) else {
-        return true;
-    };
-    let at = unsafe { core::ptr::read_volatile((header as *const u64).add(1)) };
-    at != 0 && unsafe { bpf_jiffies64() }.wrapping_sub(at) < MAP_WINDOW
+    stamped_within(gate().map(|p| p as *const u64), MAP_WINDOW)
 }
 
 /// `key`'s handshake in `HALF_OPEN`, if it may hold one.

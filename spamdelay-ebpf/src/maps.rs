@@ -80,9 +80,7 @@ const SYN_DATA_WINDOW: u64 = 1 << 22;
 /// A data-carrying SYN was seen.
 #[inline(always)]
 pub fn syn_data_seen() {
-    if let Some(p) = SYN_DATA_SEEN.get_ptr_mut(0) {
-        unsafe { core::ptr::write_volatile(p, bpf_jiffies64()) };
-    }
+    stamp(SYN_DATA_SEEN.get_ptr_mut(0));
 }
 
 /// May `SYN_DATA` hold the bytes of a SYN this SYN-ACK answers? A read of
@@ -90,11 +88,27 @@ pub fn syn_data_seen() {
 /// lookup on every SYN-ACK.
 #[inline(always)]
 pub fn syn_data_recent() -> bool {
-    let Some(p) = SYN_DATA_SEEN.get_ptr(0) else {
+    stamped_within(SYN_DATA_SEEN.get_ptr(0), SYN_DATA_WINDOW)
+}
+
+/// A gate word: `at` (a map slot) takes the time now, in jiffies, saying
+/// that something went where a lookup would otherwise be skipped.
+#[inline(always)]
+pub fn stamp(at: Option<*mut u64>) {
+    if let Some(p) = at {
+        unsafe { core::ptr::write_volatile(p, bpf_jiffies64()) };
+    }
+}
+
+/// Was the gate word at `at` stamped less than `window` jiffies ago? Never
+/// stamped: no. No word at all: yes, look.
+#[inline(always)]
+pub fn stamped_within(at: Option<*const u64>, window: u64) -> bool {
+    let Some(p) = at else {
         return true;
     };
     let seen = unsafe { core::ptr::read_volatile(p) };
-    seen != 0 && unsafe { bpf_jiffies64() }.wrapping_sub(seen) < SYN_DATA_WINDOW
+    seen != 0 && unsafe { bpf_jiffies64() }.wrapping_sub(seen) < window
 }
 
 /// Clients that waited for a greeting here: the CLOCK_BOOTTIME ns at which

@@ -107,20 +107,31 @@ fn in_window(seq: u32, end: u32, s: u32, e: u32) -> bool {
     seq == s || (seq_after(end, s) && seq_after(e, seq)) || (seq == e && seq == end)
 }
 
+/// What the fast path made of a segment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Counted and done with: nothing to follow.
+    Yes,
+    /// To follow, and not a decided flow (`done` was asked).
+    Undecided,
+    /// To follow; `done` was not asked.
+    Unknown,
+}
+
 /// The fast path, for a segment in the usual frame (`Look::Plain`): one
 /// that needs no following is counted and done with here, before the full
 /// parse and its stack frame. Most segments of an SMTP session are: those
 /// of a decided flow (its close drops it from `FLOWS`), the client's SYN,
 /// the server's empty ACKs.
 #[inline(never)]
-pub fn settled<const FROM_CLIENT: bool>(ctx: &TcContext) -> bool {
+pub fn settled<const FROM_CLIENT: bool>(ctx: &TcContext) -> Settled {
     let dir = if FROM_CLIENT {
         Dir::FromClient
     } else {
         Dir::FromServer
     };
     let Some(seg) = parse::plain(ctx, dir) else {
-        return false;
+        return Settled::Unknown;
     };
     if seg.has(TCP_SYN) {
         // A SYN-ACK starts a handshake; a client's SYN needs more than
@@ -130,32 +141,40 @@ pub fn settled<const FROM_CLIENT: bool>(ctx: &TcContext) -> bool {
         } else {
             !seg.has(TCP_ACK)
         };
-        if idle {
-            count(Stat::Packets);
+        if !idle {
+            return Settled::Unknown;
         }
-        return idle;
+        count(Stat::Packets);
+        return Settled::Yes;
     }
     let closing = seg.has(TCP_FIN) || seg.has(TCP_RST);
     // From the server, neither greeting bytes nor a close (`from_server`);
     // from the client an empty ACK may complete a handshake.
-    if !FROM_CLIENT && seg.payload_len == 0 && !closing {
+    if (!FROM_CLIENT && seg.payload_len == 0 && !closing) || decided(&seg.key, closing) {
         count(Stat::Packets);
-        return true;
+        return Settled::Yes;
     }
-    let Some(done) = done::find(&seg.key) else {
+    Settled::Undecided
+}
+
+/// Is `key` a decided flow? Nothing to follow then, at most its entry in
+/// `FLOWS` to drop at its close.
+#[inline(always)]
+fn decided(key: &FlowKey, closing: bool) -> bool {
+    let Some(done) = done::find(key) else {
         return false;
     };
-    count(Stat::Packets);
     if closing && done.in_flows {
-        let _ = FLOWS.remove(&seg.key);
+        let _ = FLOWS.remove(key);
         done.left_flows();
     }
     true
 }
 
-/// A segment leaving the server (tc egress).
+/// A segment leaving the server (tc egress). `undecided`: the fast path
+/// found it is not a decided flow's.
 #[inline(always)]
-pub fn from_server(ctx: &TcContext, seg: &Segment) {
+pub fn from_server(ctx: &TcContext, seg: &Segment, undecided: bool) {
     count(Stat::Packets);
     let closing = seg.has(TCP_FIN) || seg.has(TCP_RST);
     if seg.has(TCP_SYN) {
@@ -171,13 +190,8 @@ pub fn from_server(ctx: &TcContext, seg: &Segment) {
         return;
     }
     let key = key(&seg.dst, &seg.src, seg.dport, seg.sport, seg.family);
-    // A decided flow (most segments of a session): nothing to follow, at
-    // most its entry in FLOWS to drop at its close.
-    if let Some(done) = done::find(&key) {
-        if closing && done.in_flows {
-            let _ = FLOWS.remove(&key);
-            done.left_flows();
-        }
+    // A decided flow (most segments of a session).
+    if !undecided && decided(&key, closing) {
         return;
     }
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
@@ -290,9 +304,10 @@ pub enum Fate {
     Drop,
 }
 
-/// A segment arriving from the client (tc ingress).
+/// A segment arriving from the client (tc ingress). `undecided`: the fast
+/// path found it is not a decided flow's.
 #[inline(always)]
-pub fn from_client(ctx: &TcContext, seg: &Segment) -> Fate {
+pub fn from_client(ctx: &TcContext, seg: &Segment, undecided: bool) -> Fate {
     count(Stat::Packets);
     let key = key(&seg.src, &seg.dst, seg.sport, seg.dport, seg.family);
     if seg.has(TCP_SYN) {
@@ -307,11 +322,7 @@ pub fn from_client(ctx: &TcContext, seg: &Segment) -> Fate {
         }
         return Fate::Pass;
     }
-    if let Some(done) = done::find(&key) {
-        if (seg.has(TCP_FIN) || seg.has(TCP_RST)) && done.in_flows {
-            let _ = FLOWS.remove(&key);
-            done.left_flows();
-        }
+    if !undecided && decided(&key, seg.has(TCP_FIN) || seg.has(TCP_RST)) {
         return Fate::Pass;
     }
     // A handshake in its slot is the newest thing under this key (an old

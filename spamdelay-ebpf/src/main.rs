@@ -17,7 +17,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use flow::Fate;
+use flow::{Fate, Settled};
 use parse::{Dir, Look, Packet};
 
 /// Client to server. Watches: `TC_ACT_UNSPEC` (TCX_NEXT) lets every program
@@ -30,18 +30,22 @@ pub fn spamdelay_ingress(ctx: TcContext) -> i32 {
     // Most traffic leaves at the first look, most of an SMTP session's on
     // the fast path; both before the call into the (large, so not inlined)
     // rest and its stack frame.
-    match parse::look(&ctx, Dir::FromClient) {
-        Look::Ignore => TC_ACT_UNSPEC,
-        Look::Plain if flow::settled::<true>(&ctx) => TC_ACT_UNSPEC,
-        _ => ingress(&ctx),
-    }
+    let undecided = match parse::look(&ctx, Dir::FromClient) {
+        Look::Ignore => return TC_ACT_UNSPEC,
+        Look::Plain => match flow::settled::<true>(&ctx) {
+            Settled::Yes => return TC_ACT_UNSPEC,
+            s => s == Settled::Undecided,
+        },
+        Look::Parse => false,
+    };
+    ingress(&ctx, undecided)
 }
 
 #[inline(never)]
-fn ingress(ctx: &TcContext) -> i32 {
+fn ingress(ctx: &TcContext, undecided: bool) -> i32 {
     match parse::packet(ctx, Dir::FromClient) {
         Some(Packet::Segment(seg)) => {
-            if flow::from_client(ctx, &seg) == Fate::Drop {
+            if flow::from_client(ctx, &seg, undecided) == Fate::Drop {
                 return TC_ACT_SHOT;
             }
         }
@@ -55,17 +59,21 @@ fn ingress(ctx: &TcContext) -> i32 {
 #[classifier]
 pub fn spamdelay_egress(ctx: TcContext) -> i32 {
     // The same first look and fast path as ingress's.
-    match parse::look(&ctx, Dir::FromServer) {
-        Look::Ignore => TC_ACT_UNSPEC,
-        Look::Plain if flow::settled::<false>(&ctx) => TC_ACT_UNSPEC,
-        _ => egress(&ctx),
-    }
+    let undecided = match parse::look(&ctx, Dir::FromServer) {
+        Look::Ignore => return TC_ACT_UNSPEC,
+        Look::Plain => match flow::settled::<false>(&ctx) {
+            Settled::Yes => return TC_ACT_UNSPEC,
+            s => s == Settled::Undecided,
+        },
+        Look::Parse => false,
+    };
+    egress(&ctx, undecided)
 }
 
 #[inline(never)]
-fn egress(ctx: &TcContext) -> i32 {
+fn egress(ctx: &TcContext, undecided: bool) -> i32 {
     if let Some(Packet::Segment(seg)) = parse::packet(ctx, Dir::FromServer) {
-        flow::from_server(ctx, &seg);
+        flow::from_server(ctx, &seg, undecided);
     }
     TC_ACT_UNSPEC
 }
